@@ -1,0 +1,296 @@
+//! Wiring: routes of the public and admin listeners, the sink chosen by config, background upkeep,
+//! signals and the graceful shutdown order (stop accepting → drain in-flight → flush → exit).
+
+use crate::channels::api::{self, ApiChannel};
+use crate::config::Config;
+use crate::error::{Reason, Rejection};
+use crate::http::{
+    self, json_response, rejection_response, text_response, Handler, ListenerLimits, Resp,
+};
+use crate::pipeline::{trace_id, Pipeline, RequestCtx};
+use crate::sink::{failover::Failover, kafka::KafkaSink, spool::Spool, Sink};
+use crate::telemetry;
+use futures_util::future::BoxFuture;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW};
+use hyper::{Method, Request, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+struct PublicInner {
+    pipeline: Arc<Pipeline>,
+    api: ApiChannel,
+    max_body: usize,
+    body_timeout: Duration,
+}
+
+/// The public listener's routes.
+#[derive(Clone)]
+pub struct Public(Arc<PublicInner>);
+
+/// Decrements the in-flight gauge however the request ends (also when the client goes away).
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!(telemetry::HTTP_IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::HTTP_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+impl Handler for Public {
+    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> BoxFuture<'static, Resp> {
+        let me = self.0.clone();
+        Box::pin(async move {
+            let _in_flight = InFlight::start();
+            let path = req.uri().path().to_string();
+            let (route, channel, allow, result) = match path.as_str() {
+                "/v1/events" => {
+                    let r = if req.method() == Method::POST {
+                        me.api_events(req, peer).await
+                    } else {
+                        Err(Rejection::new(Reason::MethodNotAllowed, "use POST"))
+                    };
+                    ("/v1/events", api::NAME, "POST", r)
+                }
+                _ => (
+                    "unmatched",
+                    "none",
+                    "",
+                    Err(Rejection::new(Reason::NotFound, "no such route")),
+                ),
+            };
+            let resp = result.unwrap_or_else(|r| {
+                r.count(channel);
+                if r.reason.status().is_server_error() {
+                    tracing::warn!(route, reason = r.reason.code(), "request failed");
+                } else {
+                    tracing::debug!(route, reason = r.reason.code(), "request rejected");
+                }
+                let mut resp = rejection_response(&r);
+                if r.reason == Reason::MethodNotAllowed {
+                    resp.headers_mut()
+                        .insert(ALLOW, HeaderValue::from_static(allow));
+                }
+                resp
+            });
+            metrics::counter!(
+                telemetry::HTTP_REQUESTS,
+                "route" => route,
+                "status" => resp.status().as_str().to_string()
+            )
+            .increment(1);
+            resp
+        })
+    }
+}
+
+impl PublicInner {
+    async fn api_events(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Resp, Rejection> {
+        let ctx = RequestCtx {
+            peer: peer.ip(),
+            channel: api::NAME,
+            trace_id: trace_id(
+                req.headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok()),
+            ),
+        };
+        self.pipeline.admit(&ctx)?;
+        ApiChannel::check_content_type(req.headers())?;
+        let (parts, body) = http::read_body(req, self.max_body, self.body_timeout).await?;
+        self.api.handle(&parts, body, &self.pipeline, &ctx).await
+    }
+}
+
+/// The admin listener's routes: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Clone)]
+pub struct Admin {
+    pipeline: Arc<Pipeline>,
+    prometheus: PrometheusHandle,
+    readyz_requires_kafka: bool,
+}
+
+impl Handler for Admin {
+    fn call(&self, req: Request<Incoming>, _peer: SocketAddr) -> BoxFuture<'static, Resp> {
+        let me = self.clone();
+        Box::pin(async move {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                let mut r =
+                    rejection_response(&Rejection::new(Reason::MethodNotAllowed, "use GET"));
+                r.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+                return r;
+            }
+            match req.uri().path() {
+                "/metrics" => text_response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    me.prometheus.render(),
+                ),
+                "/healthz" => json_response(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+                "/readyz" => {
+                    let h = me.pipeline.sink_health();
+                    let ready = if me.readyz_requires_kafka {
+                        h.healthy
+                    } else {
+                        h.usable
+                    };
+                    let parts: serde_json::Map<_, _> = h
+                        .parts
+                        .into_iter()
+                        .map(|(k, v)| (k, serde_json::Value::String(v)))
+                        .collect();
+                    let body = serde_json::json!({
+                        "ready": ready,
+                        "accepting": h.usable,
+                        "sinks": parts,
+                    });
+                    let status = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    json_response(status, body.to_string())
+                }
+                _ => rejection_response(&Rejection::new(Reason::NotFound, "no such route")),
+            }
+        })
+    }
+}
+
+/// Opens the sink the config asks for: the spool alone, or Kafka with the spool behind it.
+pub fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
+    let spool = Arc::new(
+        Spool::open(&cfg.spool)
+            .map_err(|e| format!("spool.dir {}: {e}", cfg.spool.dir.display()))?,
+    );
+    if cfg.kafka_enabled() {
+        let kafka = KafkaSink::new(&cfg.kafka).map_err(|e| format!("kafka: {e}"))?;
+        tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, "sink: kafka, spool as fallback");
+        Ok(Arc::new(Failover::new(kafka, spool)))
+    } else {
+        tracing::info!(dir = %cfg.spool.dir.display(), "sink: spool (no kafka.brokers configured)");
+        Ok(spool)
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT, then shuts down gracefully.
+pub async fn serve(cfg: Config) -> Result<(), String> {
+    let prometheus = telemetry::install_recorder()?;
+    let sink = open_sink(&cfg)?;
+    let pipeline = Pipeline::new(&cfg, sink);
+
+    let public_listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .map_err(|e| format!("http.listen {}: {e}", cfg.http.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin.listen)
+        .await
+        .map_err(|e| format!("admin.listen {}: {e}", cfg.admin.listen))?;
+    let public_addr = public_listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+
+    let evictor = pipeline
+        .limits()
+        .spawn_evictor(Duration::from_secs(cfg.limits.evict_interval_secs));
+    let sweeper = {
+        let p = pipeline.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                p.sweep();
+            }
+        })
+    };
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+
+    let public = Public(Arc::new(PublicInner {
+        pipeline: pipeline.clone(),
+        api: ApiChannel::new(cfg.api.clone()),
+        max_body: cfg.http.max_body_bytes,
+        body_timeout: cfg.http.body_read_timeout(),
+    }));
+    let admin = Admin {
+        pipeline: pipeline.clone(),
+        prometheus,
+        readyz_requires_kafka: cfg.admin.readyz_requires_kafka,
+    };
+    let grace = Duration::from_millis(cfg.http.shutdown_grace_ms);
+    let public_limits = ListenerLimits {
+        max_connections: cfg.http.max_connections,
+        header_read_timeout: cfg.http.header_read_timeout(),
+        max_header_bytes: cfg.http.max_header_bytes,
+        max_headers: cfg.http.max_headers,
+        keepalive_idle_timeout: cfg.http.keepalive_idle_timeout(),
+    };
+    let admin_limits = ListenerLimits {
+        max_connections: cfg.admin.max_connections,
+        ..public_limits.clone()
+    };
+    tracing::info!(http = %public_addr, admin = %admin_addr, "switchboard listening");
+    // One machine-readable line on stdout, for scripts and tests that start the gateway.
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "http": public_addr.to_string(), "admin": admin_addr.to_string()})
+    );
+
+    let public_task = tokio::spawn(http::serve(
+        public_listener,
+        public_limits,
+        Arc::new(public),
+        shutdown.clone(),
+        grace,
+        "public",
+    ));
+    let admin_task = tokio::spawn(http::serve(
+        admin_listener,
+        admin_limits,
+        Arc::new(admin),
+        shutdown.clone(),
+        grace,
+        "admin",
+    ));
+    let _ = public_task.await;
+    tracing::info!("public listener drained; flushing the sink");
+    pipeline.shutdown_sink().await;
+    let _ = admin_task.await;
+    evictor.abort();
+    sweeper.abort();
+    tracing::info!("switchboard stopped");
+    Ok(())
+}
+
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+}

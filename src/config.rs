@@ -1,0 +1,649 @@
+//! Configuration: `config/switchboard.toml`, overridden by `SWITCHBOARD_<SECTION>__<KEY>` env vars.
+//!
+//! Every struct denies unknown keys, so a typo fails start-up naming the key instead of being
+//! silently ignored. Defaults run on a laptop: loopback listeners, the embedded spool as the sink.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub identity: IdentityConfig,
+    pub dedupe: DedupeConfig,
+    pub limits: LimitsConfig,
+    pub sla: SlaConfig,
+    pub sink: SinkConfig,
+    pub kafka: KafkaConfig,
+    pub spool: SpoolConfig,
+    pub api: ApiChannelConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub body_read_timeout_ms: u64,
+    pub keepalive_idle_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            max_body_bytes: 1024 * 1024,
+            body_read_timeout_ms: 15_000,
+            keepalive_idle_timeout_ms: 60_000,
+            shutdown_grace_ms: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    /// `/readyz` answers 503 while Kafka is configured but down (requests still succeed via the
+    /// spool). `false`: ready whenever records can be made durable somewhere.
+    pub readyz_requires_kafka: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".parse().expect("static address"),
+            max_connections: 64,
+            readyz_requires_kafka: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// ISO 3166 region used for phone numbers written without a country code.
+    pub default_region: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            default_region: "CN".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupeConfig {
+    pub provider_id_window_secs: u64,
+    pub fingerprint_window_secs: u64,
+    pub max_entries: usize,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        Self {
+            provider_id_window_secs: 8 * 24 * 3600,
+            fingerprint_window_secs: 120,
+            max_entries: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Sustained rate, requests (or records) per second.
+    pub per_second: f64,
+    /// How many may arrive at once above the sustained rate.
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub enabled: bool,
+    pub per_source: RateConfig,
+    pub per_channel: RateConfig,
+    pub per_customer: RateConfig,
+    pub max_keys: usize,
+    pub evict_interval_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            per_source: RateConfig {
+                per_second: 500.0,
+                burst: 2_000,
+            },
+            per_channel: RateConfig {
+                per_second: 20_000.0,
+                burst: 40_000,
+            },
+            per_customer: RateConfig {
+                per_second: 0.5,
+                burst: 20,
+            },
+            max_keys: 1_000_000,
+            evict_interval_secs: 60,
+        }
+    }
+}
+
+/// Placeholder SLA clocks until the triage issue brings severities and a business calendar.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlaConfig {
+    pub first_response_hours: u64,
+    pub resolution_hours: u64,
+}
+
+impl Default for SlaConfig {
+    fn default() -> Self {
+        Self {
+            first_response_hours: 24,
+            resolution_hours: 7 * 24,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// How long a request waits for the sink before answering 503.
+    pub write_timeout_ms: u64,
+    pub retry_after_secs: u64,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            write_timeout_ms: 10_000,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers. Empty: no Kafka, the spool is the sink.
+    pub brokers: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub replies_topic: String,
+    pub client_id: String,
+    pub compression: String,
+    pub linger_ms: u64,
+    pub batch_num_messages: u64,
+    pub queue_buffering_max_messages: u64,
+    pub queue_buffering_max_kbytes: u64,
+    /// librdkafka's `message.timeout.ms`: after this a record falls back to the spool.
+    pub delivery_timeout_ms: u64,
+    pub statistics_interval_ms: u64,
+    pub flush_timeout_ms: u64,
+    /// Any other librdkafka property, passed through verbatim.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topic: "complaints.v1".into(),
+            dlq_topic: "complaints.dlq.v1".into(),
+            replies_topic: "replies.v1".into(),
+            client_id: "switchboard".into(),
+            compression: "zstd".into(),
+            linger_ms: 5,
+            batch_num_messages: 10_000,
+            queue_buffering_max_messages: 100_000,
+            queue_buffering_max_kbytes: 262_144,
+            delivery_timeout_ms: 3_000,
+            statistics_interval_ms: 5_000,
+            flush_timeout_ms: 15_000,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    /// Largest group committed by one fsync.
+    pub max_batch_records: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("var/spool"),
+            segment_bytes: 64 * 1024 * 1024,
+            max_batch_records: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureMode {
+    Enforce,
+    LogOnly,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiChannelConfig {
+    pub signature_mode: SignatureMode,
+    /// Current secret first; a second one is accepted during rotation.
+    pub secrets: Vec<String>,
+    pub timestamp_tolerance_secs: u64,
+    pub max_batch: usize,
+}
+
+impl Default for ApiChannelConfig {
+    fn default() -> Self {
+        Self {
+            signature_mode: SignatureMode::Enforce,
+            secrets: vec!["dev-only-secret-change-me".into()],
+            timestamp_tolerance_secs: 300,
+            max_batch: 500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads `path` (a missing file is an error: the caller chose it), applies env overrides from
+    /// `env`, then validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, env).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            })?;
+        // Defaults first, then the file, then env: a partial section keeps its other defaults.
+        let mut table = match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        merge(&mut table, file);
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+                return Err(key_err(
+                    &name,
+                    "env overrides look like SWITCHBOARD_<SECTION>__<KEY>",
+                ));
+            }
+            set_path(&mut table, &path, env_value(&raw))
+                .map_err(|m| key_err(&path.join("."), m))?;
+        }
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| {
+                let key = e.path().to_string();
+                key_err(&key, e.into_inner().message().to_string())
+            },
+        )?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.http;
+        if h.max_connections == 0 {
+            return Err(key_err("http.max_connections", "must be at least 1"));
+        }
+        if h.max_header_bytes < 8192 {
+            return Err(key_err(
+                "http.max_header_bytes",
+                "must be at least 8192 (hyper's smallest read buffer)",
+            ));
+        }
+        if h.max_headers == 0 {
+            return Err(key_err("http.max_headers", "must be at least 1"));
+        }
+        if h.max_body_bytes == 0 {
+            return Err(key_err("http.max_body_bytes", "must be at least 1"));
+        }
+        for (k, v) in [
+            ("http.header_read_timeout_ms", h.header_read_timeout_ms),
+            ("http.body_read_timeout_ms", h.body_read_timeout_ms),
+            (
+                "http.keepalive_idle_timeout_ms",
+                h.keepalive_idle_timeout_ms,
+            ),
+            ("sink.write_timeout_ms", self.sink.write_timeout_ms),
+            ("kafka.delivery_timeout_ms", self.kafka.delivery_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(key_err(k, "must be greater than 0"));
+            }
+        }
+        if self.admin.max_connections == 0 {
+            return Err(key_err("admin.max_connections", "must be at least 1"));
+        }
+        if self.admin.listen == self.http.listen && self.http.listen.port() != 0 {
+            return Err(key_err("admin.listen", "must differ from http.listen"));
+        }
+        if self
+            .identity
+            .default_region
+            .parse::<phonenumber::country::Id>()
+            .is_err()
+        {
+            return Err(key_err(
+                "identity.default_region",
+                format!(
+                    "`{}` is not an ISO 3166 region code like CN or US",
+                    self.identity.default_region
+                ),
+            ));
+        }
+        if self.dedupe.provider_id_window_secs == 0 {
+            return Err(key_err(
+                "dedupe.provider_id_window_secs",
+                "must be greater than 0",
+            ));
+        }
+        if self.dedupe.max_entries < 1024 {
+            return Err(key_err("dedupe.max_entries", "must be at least 1024"));
+        }
+        for (k, r) in [
+            ("limits.per_source", &self.limits.per_source),
+            ("limits.per_channel", &self.limits.per_channel),
+            ("limits.per_customer", &self.limits.per_customer),
+        ] {
+            if !(r.per_second.is_finite() && r.per_second > 0.0) {
+                return Err(key_err(
+                    &format!("{k}.per_second"),
+                    "must be a positive number",
+                ));
+            }
+            if r.burst == 0 {
+                return Err(key_err(&format!("{k}.burst"), "must be at least 1"));
+            }
+        }
+        if self.limits.evict_interval_secs == 0 {
+            return Err(key_err(
+                "limits.evict_interval_secs",
+                "must be greater than 0",
+            ));
+        }
+        if !matches!(
+            self.kafka.compression.as_str(),
+            "none" | "gzip" | "snappy" | "lz4" | "zstd"
+        ) {
+            return Err(key_err(
+                "kafka.compression",
+                "must be one of none, gzip, snappy, lz4, zstd",
+            ));
+        }
+        if self.kafka.topic.is_empty() {
+            return Err(key_err("kafka.topic", "must not be empty"));
+        }
+        for forced in ["enable.idempotence", "acks", "bootstrap.servers"] {
+            if self.kafka.extra.contains_key(forced) {
+                return Err(key_err(
+                    &format!("kafka.extra.{forced}"),
+                    "is set by Switchboard and cannot be overridden",
+                ));
+            }
+        }
+        if self.spool.segment_bytes < 4096 {
+            return Err(key_err("spool.segment_bytes", "must be at least 4096"));
+        }
+        if self.spool.max_batch_records == 0 {
+            return Err(key_err("spool.max_batch_records", "must be at least 1"));
+        }
+        let api = &self.api;
+        if api.signature_mode != SignatureMode::Off {
+            if api.secrets.is_empty() || api.secrets.len() > 2 {
+                return Err(key_err(
+                    "api.secrets",
+                    "needs one secret, or two during rotation",
+                ));
+            }
+            if api.secrets.iter().any(|s| s.len() < 16) {
+                return Err(key_err(
+                    "api.secrets",
+                    "each secret needs at least 16 characters",
+                ));
+            }
+        }
+        if api.max_batch == 0 {
+            return Err(key_err("api.max_batch", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn kafka_enabled(&self) -> bool {
+        !self.kafka.brokers.trim().is_empty()
+    }
+}
+
+impl HttpConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+    pub fn keepalive_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.keepalive_idle_timeout_ms)
+    }
+}
+
+/// An env value is read as a TOML value when it is one (numbers, booleans, arrays, quoted
+/// strings), otherwise as a bare string, so `127.0.0.1:9092` needs no quotes.
+fn env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().expect("path has at least two parts");
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+    }
+    // A string override of a field that the file holds as a number keeps its string form so the
+    // type error names the key; numbers written for string fields are turned back into strings.
+    let value = match (cur.get(last), value) {
+        (Some(toml::Value::String(_)), v @ (toml::Value::Integer(_) | toml::Value::Float(_))) => {
+            toml::Value::String(v.to_string())
+        }
+        (_, v) => v,
+    };
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_matches_defaults() {
+        let text = include_str!("../config/switchboard.toml");
+        let cfg = Config::from_toml_str(text, env(&[])).expect("shipped config");
+        let def = Config::default();
+        assert_eq!(cfg.http.listen, def.http.listen);
+        assert_eq!(cfg.admin.listen, def.admin.listen);
+        assert_eq!(cfg.dedupe.provider_id_window_secs, 8 * 24 * 3600);
+        assert!(!cfg.kafka_enabled(), "shipped config runs on the spool");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_with_types() {
+        let cfg = Config::from_toml_str(
+            "",
+            env(&[
+                ("SWITCHBOARD_HTTP__LISTEN", "127.0.0.1:18080"),
+                ("SWITCHBOARD_KAFKA__BROKERS", "127.0.0.1:9092"),
+                ("SWITCHBOARD_HTTP__MAX_CONNECTIONS", "7"),
+                ("SWITCHBOARD_LIMITS__PER_CUSTOMER__BURST", "3"),
+                (
+                    "SWITCHBOARD_API__SECRETS",
+                    r#"["aaaaaaaaaaaaaaaa","bbbbbbbbbbbbbbbb"]"#,
+                ),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.http.listen.port(), 18080);
+        assert_eq!(cfg.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(cfg.http.max_connections, 7);
+        assert_eq!(cfg.limits.per_customer.burst, 3);
+        assert_eq!(cfg.api.secrets.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::from_toml_str("[http]\nmax_connections = \"many\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.max_connections"), "{e}");
+        let e = Config::from_toml_str("[http]\nmax_conections = 5\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_conections"), "{e}");
+        let e = Config::from_toml_str("", env(&[("SWITCHBOARD_HTTP__LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.listen"), "{e}");
+        let e = Config::from_toml_str("[identity]\ndefault_region = \"XX\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("identity.default_region"), "{e}");
+        let e = Config::from_toml_str("[api]\nsecrets = [\"a\",\"b\",\"c\"]\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.secrets"), "{e}");
+        let e = Config::from_toml_str(
+            "[kafka.extra]\n\"enable.idempotence\" = \"false\"\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("enable.idempotence"), "{e}");
+    }
+}

@@ -1,0 +1,254 @@
+//! Customer identity: phones to E.164, emails lowercased, social ids scoped to their account, and
+//! the customer key that keys Kafka partitions and per-customer limits.
+//!
+//! Key precedence: phone, then email (both stable across channels), then the operator's own
+//! customer id, then the scoped social id (`platform:account:id`). Cross-channel merging beyond
+//! that is downstream's call.
+
+use phonenumber::{country, Mode};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("phone number is not a valid number (region {region} assumed when no country code)")]
+    InvalidPhone { region: String },
+    #[error("email address is not of the form local@domain")]
+    InvalidEmail,
+    #[error("social id needs a platform and an id")]
+    InvalidSocial,
+    #[error("customer needs at least one of phone, email, id or social")]
+    Missing,
+}
+
+/// A social identity as the platform gives it; `account` scopes ids that are only unique per
+/// page / official account / bot.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SocialId {
+    pub platform: String,
+    pub account: Option<String>,
+    pub id: String,
+    pub handle: Option<String>,
+}
+
+/// Identity fields as a channel extracted them, not yet normalised.
+#[derive(Debug, Clone, Default)]
+pub struct RawIdentity {
+    pub phone: Option<String>,
+    pub email: Option<String>,
+    pub customer_id: Option<String>,
+    pub social: Option<SocialId>,
+    pub name: Option<String>,
+}
+
+/// Normalised identity with its customer key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub key: String,
+    pub phone: Option<String>,
+    pub email: Option<String>,
+    pub customer_id: Option<String>,
+    pub social: Option<SocialId>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Normalizer {
+    region: country::Id,
+    region_name: String,
+}
+
+impl Normalizer {
+    /// `region` was validated with the config; an unknown one falls back to CN.
+    pub fn new(region: &str) -> Self {
+        let id = region.parse::<country::Id>().unwrap_or(country::Id::CN);
+        Self {
+            region: id,
+            region_name: region.to_string(),
+        }
+    }
+
+    /// Loads phonenumber's metadata (≈100 ms on first use) so the first request does not pay it.
+    pub fn warm_up(&self) {
+        let _ = self.phone("+8613800138000");
+    }
+
+    pub fn phone(&self, raw: &str) -> Result<String, IdentityError> {
+        let err = || IdentityError::InvalidPhone {
+            region: self.region_name.clone(),
+        };
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.len() > 64 {
+            return Err(err());
+        }
+        let parsed = phonenumber::parse(Some(self.region), trimmed).map_err(|_| err())?;
+        if !phonenumber::is_valid(&parsed) {
+            return Err(err());
+        }
+        Ok(parsed.format().mode(Mode::E164).to_string())
+    }
+
+    // Hand-written on purpose: full RFC 5322 address parsing belongs to the email channel (where
+    // mail-parser does it); here we only need a stable key from an address a system already holds.
+    pub fn email(&self, raw: &str) -> Result<String, IdentityError> {
+        let e = raw.trim().to_lowercase();
+        let (local, domain) = e.split_once('@').ok_or(IdentityError::InvalidEmail)?;
+        let ok = !local.is_empty()
+            && local.len() <= 64
+            && domain.len() <= 255
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+            && !domain.contains('@')
+            && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+        if ok {
+            Ok(e)
+        } else {
+            Err(IdentityError::InvalidEmail)
+        }
+    }
+
+    pub fn normalize(&self, raw: RawIdentity) -> Result<Identity, IdentityError> {
+        let phone = non_empty(raw.phone).map(|p| self.phone(&p)).transpose()?;
+        let email = non_empty(raw.email).map(|e| self.email(&e)).transpose()?;
+        let customer_id = non_empty(raw.customer_id).map(|s| s.trim().to_string());
+        let social = match raw.social {
+            Some(s) => {
+                let platform = s.platform.trim().to_ascii_lowercase();
+                let id = s.id.trim().to_string();
+                if platform.is_empty()
+                    || id.is_empty()
+                    || platform.contains(':')
+                    || !platform
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+                {
+                    return Err(IdentityError::InvalidSocial);
+                }
+                Some(SocialId {
+                    platform,
+                    account: non_empty(s.account).map(|a| a.trim().to_string()),
+                    id,
+                    handle: non_empty(s.handle),
+                })
+            }
+            None => None,
+        };
+        let key = if let Some(p) = &phone {
+            p.clone()
+        } else if let Some(e) = &email {
+            e.clone()
+        } else if let Some(c) = &customer_id {
+            format!("customer:{c}")
+        } else if let Some(s) = &social {
+            match &s.account {
+                Some(a) => format!("{}:{}:{}", s.platform, a, s.id),
+                None => format!("{}:{}", s.platform, s.id),
+            }
+        } else {
+            return Err(IdentityError::Missing);
+        };
+        Ok(Identity {
+            key,
+            phone,
+            email,
+            customer_id,
+            social,
+            name: non_empty(raw.name).map(|n| n.trim().to_string()),
+        })
+    }
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cn() -> Normalizer {
+        Normalizer::new("CN")
+    }
+
+    #[test]
+    fn chinese_mobiles_become_e164() {
+        let n = cn();
+        for raw in [
+            "13800138000",
+            "138 0013 8000",
+            "138-0013-8000",
+            "+86 138 0013 8000",
+            "+8613800138000",
+            "008613800138000",
+        ] {
+            assert_eq!(n.phone(raw).unwrap(), "+8613800138000", "{raw}");
+        }
+    }
+
+    #[test]
+    fn foreign_numbers_keep_their_country_and_bad_ones_fail() {
+        let n = cn();
+        assert_eq!(n.phone("+1 415 555 2671").unwrap(), "+14155552671");
+        assert_eq!(n.phone("+44 20 7946 0958").unwrap(), "+442079460958");
+        assert!(n.phone("12345").is_err());
+        assert!(n.phone("not a number").is_err());
+        assert!(n.phone("").is_err());
+        let us = Normalizer::new("US");
+        assert_eq!(us.phone("(415) 555-2671").unwrap(), "+14155552671");
+    }
+
+    #[test]
+    fn emails_are_lowercased_and_checked() {
+        let n = cn();
+        assert_eq!(
+            n.email(" Zhang.Wei@Example.COM ").unwrap(),
+            "zhang.wei@example.com"
+        );
+        for bad in [
+            "no-at-sign",
+            "@example.com",
+            "a@localhost",
+            "a b@example.com",
+            "a@b@c.com",
+        ] {
+            assert!(n.email(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_prefers_phone_then_email_then_customer_id_then_social() {
+        let n = cn();
+        let social = SocialId {
+            platform: "WeChat".into(),
+            account: Some("gh_abc".into()),
+            id: "oXyz".into(),
+            handle: None,
+        };
+        let all = RawIdentity {
+            phone: Some("13800138000".into()),
+            email: Some("A@B.cn".into()),
+            customer_id: Some("C-1".into()),
+            social: Some(social.clone()),
+            name: None,
+        };
+        assert_eq!(n.normalize(all.clone()).unwrap().key, "+8613800138000");
+        let no_phone = RawIdentity {
+            phone: None,
+            ..all.clone()
+        };
+        assert_eq!(n.normalize(no_phone.clone()).unwrap().key, "a@b.cn");
+        let no_email = RawIdentity {
+            email: Some("  ".into()),
+            ..no_phone
+        };
+        assert_eq!(n.normalize(no_email.clone()).unwrap().key, "customer:C-1");
+        let social_only = RawIdentity {
+            customer_id: None,
+            ..no_email
+        };
+        assert_eq!(n.normalize(social_only).unwrap().key, "wechat:gh_abc:oXyz");
+        assert_eq!(
+            n.normalize(RawIdentity::default()).unwrap_err(),
+            IdentityError::Missing
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! Switchboard: the front door of a telecom operator's complaint handling.
+//!
+//! Data flows one way: listener (`http`) → channel (`channels`) → `pipeline` → `sink`.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod channels;
+pub mod config;
+pub mod dedupe;
+pub mod error;
+pub mod http;
+pub mod identity;
+pub mod limits;
+pub mod pipeline;
+pub mod record;
+pub mod sink;
+pub mod telemetry;

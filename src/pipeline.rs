@@ -1,0 +1,603 @@
+//! The channel-agnostic pipeline, top to bottom in `submit`:
+//! identity → dedupe → limits → triage → record → sink → commit dedupe → answer.
+//!
+//! A batch is answered as a whole: every message is either made durable or was already
+//! (a duplicate), or the request fails and nothing it claimed stays claimed, so the sender's
+//! retry goes through.
+
+use crate::config::Config;
+use crate::dedupe::{hash_key, Claim, Lookup, Window};
+use crate::error::{Reason, Rejection};
+use crate::identity::{Identity, Normalizer};
+use crate::limits::Limits;
+use crate::record::{
+    normalize_text, rfc3339_ms, ComplaintRecord, Content, Conversation, Customer, Intake, Sla,
+    SocialIdentity, Triage, SCHEMA,
+};
+use crate::sink::{Encoded, Health, Sink};
+use crate::telemetry::{self, mask_customer_key};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ulid::Ulid;
+
+/// Largest complaint text kept, in characters; longer text is cut (and flagged in metadata).
+pub const MAX_TEXT_CHARS: usize = 32 * 1024;
+
+/// Who is asking, for limits, labels and the trace.
+#[derive(Debug, Clone)]
+pub struct RequestCtx {
+    pub peer: IpAddr,
+    /// Channel name used as a metric label (`api`, `twilio`, ...).
+    pub channel: &'static str,
+    pub trace_id: String,
+}
+
+/// The answer for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: Ulid,
+    pub duplicate: bool,
+}
+
+enum Slot {
+    New {
+        provider_claim: Option<Claim>,
+        fingerprint_claim: Claim,
+        dedupe_key: u128,
+    },
+    Duplicate(Ulid),
+    /// Same message as an earlier one in this batch.
+    SameAs(usize),
+}
+
+pub struct Pipeline {
+    normalizer: Normalizer,
+    provider_ids: Window,
+    fingerprints: Window,
+    limits: Arc<Limits>,
+    sink: Arc<dyn Sink>,
+    first_response: Duration,
+    resolution: Duration,
+    write_timeout: Duration,
+    retry_after: Duration,
+}
+
+impl Pipeline {
+    pub fn new(cfg: &Config, sink: Arc<dyn Sink>) -> Arc<Self> {
+        let normalizer = Normalizer::new(&cfg.identity.default_region);
+        normalizer.warm_up();
+        Arc::new(Self {
+            normalizer,
+            provider_ids: Window::new(
+                "provider_id",
+                Duration::from_secs(cfg.dedupe.provider_id_window_secs),
+                cfg.dedupe.max_entries,
+            ),
+            fingerprints: Window::new(
+                "fingerprint",
+                Duration::from_secs(cfg.dedupe.fingerprint_window_secs.max(1)),
+                cfg.dedupe.max_entries,
+            ),
+            limits: Limits::new(&cfg.limits),
+            sink,
+            first_response: Duration::from_secs(cfg.sla.first_response_hours * 3600),
+            resolution: Duration::from_secs(cfg.sla.resolution_hours * 3600),
+            write_timeout: Duration::from_millis(cfg.sink.write_timeout_ms),
+            retry_after: Duration::from_secs(cfg.sink.retry_after_secs.max(1)),
+        })
+    }
+
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    pub fn sink_health(&self) -> Health {
+        self.sink.health()
+    }
+
+    pub async fn shutdown_sink(&self) {
+        self.sink.shutdown().await;
+    }
+
+    /// Drops expired dedupe entries and publishes the window sizes.
+    pub fn sweep(&self) {
+        for w in [&self.provider_ids, &self.fingerprints] {
+            let n = w.sweep();
+            metrics::gauge!(telemetry::DEDUPE_ENTRIES, "window" => w.name()).set(n as f64);
+        }
+    }
+
+    /// Per-source and per-channel admission, before a request is read or verified.
+    pub fn admit(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
+        self.limits
+            .admit(ctx.peer, ctx.channel)
+            .map_err(|l| limited(ctx.channel, l))
+    }
+
+    pub async fn submit(
+        &self,
+        ctx: &RequestCtx,
+        intakes: Vec<Intake>,
+    ) -> Result<Vec<Accepted>, Rejection> {
+        let received_at = Utc::now();
+        let n = intakes.len();
+        let at = |i: usize| {
+            if n > 1 {
+                format!("[{i}] ")
+            } else {
+                String::new()
+            }
+        };
+
+        // 1. Identity.
+        let mut items = Vec::with_capacity(n);
+        for (i, intake) in intakes.into_iter().enumerate() {
+            let identity = self
+                .normalizer
+                .normalize(intake.identity.clone())
+                .map_err(|e| {
+                    Rejection::new(Reason::InvalidEvent, format!("{}customer: {e}", at(i)))
+                })?;
+            let mut text = normalize_text(&intake.text);
+            let mut truncated = false;
+            if text.chars().count() > MAX_TEXT_CHARS {
+                text = text.chars().take(MAX_TEXT_CHARS).collect();
+                truncated = true;
+            }
+            if text.is_empty() && intake.attachments.is_empty() && intake.voice.is_none() {
+                return Err(Rejection::new(
+                    Reason::InvalidEvent,
+                    format!(
+                        "{}complaint has no text, attachment or voice content",
+                        at(i)
+                    ),
+                ));
+            }
+            items.push((intake, identity, text, truncated));
+        }
+
+        // 2. Dedupe. Bounded: a claim held by a stuck request elsewhere cannot hold us forever.
+        let slots = tokio::time::timeout(self.write_timeout, self.dedupe(ctx, &items))
+            .await
+            .map_err(|_| self.unavailable("timed out waiting for a concurrent delivery"))?;
+
+        // 3. Limits, for what is new.
+        for ((_, identity, _, _), slot) in items.iter().zip(&slots) {
+            if matches!(slot, Slot::New { .. }) {
+                self.limits
+                    .customer(&identity.key)
+                    .map_err(|l| limited(ctx.channel, l))?;
+            }
+        }
+
+        // 4. Triage and records.
+        let mut ids = Vec::with_capacity(n);
+        let mut encoded = Vec::new();
+        for ((intake, identity, text, truncated), slot) in items.into_iter().zip(&slots) {
+            let Slot::New { dedupe_key, .. } = slot else {
+                ids.push(None);
+                continue;
+            };
+            let id = Ulid::new();
+            ids.push(Some(id));
+            let record = self.build(
+                id,
+                received_at,
+                ctx,
+                intake,
+                identity,
+                text,
+                truncated,
+                *dedupe_key,
+            );
+            encoded.push(encode(&record));
+        }
+
+        // 5. Sink: durable, or the request fails and the claims are released.
+        if !encoded.is_empty() {
+            let started = Instant::now();
+            let landed = match tokio::time::timeout(self.write_timeout, self.sink.write(&encoded))
+                .await
+            {
+                Ok(Ok(landed)) => landed,
+                Ok(Err(e)) => {
+                    tracing::error!(channel = ctx.channel, error = %e, "sink could not take records");
+                    return Err(self.unavailable("the gateway cannot store complaints right now"));
+                }
+                Err(_) => {
+                    tracing::error!(channel = ctx.channel, "sink write timed out");
+                    return Err(self.unavailable("the gateway cannot store complaints right now"));
+                }
+            };
+            for l in &landed {
+                metrics::counter!(telemetry::RECORDS_EMITTED, "channel" => ctx.channel, "sink" => l.as_str())
+                    .increment(1);
+            }
+            tracing::debug!(
+                channel = ctx.channel,
+                records = encoded.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "records durable"
+            );
+        }
+
+        // 6. Commit the claims and answer.
+        let mut out: Vec<Accepted> = Vec::with_capacity(n);
+        for (slot, id) in slots.into_iter().zip(ids) {
+            let accepted = match slot {
+                Slot::New {
+                    provider_claim,
+                    fingerprint_claim,
+                    ..
+                } => {
+                    let id = id.expect("new slots have ids");
+                    if let Some(c) = provider_claim {
+                        c.commit(id);
+                    }
+                    fingerprint_claim.commit(id);
+                    Accepted {
+                        id,
+                        duplicate: false,
+                    }
+                }
+                Slot::Duplicate(id) => Accepted {
+                    id,
+                    duplicate: true,
+                },
+                Slot::SameAs(j) => Accepted {
+                    id: out[j].id,
+                    duplicate: true,
+                },
+            };
+            out.push(accepted);
+        }
+        Ok(out)
+    }
+
+    async fn dedupe(
+        &self,
+        ctx: &RequestCtx,
+        items: &[(Intake, Identity, String, bool)],
+    ) -> Vec<Slot> {
+        let mut slots = Vec::with_capacity(items.len());
+        let mut in_batch: HashMap<u128, usize> = HashMap::new();
+        for (i, (intake, identity, text, _)) in items.iter().enumerate() {
+            let provider_key = intake.provider_message_id.as_deref().map(|m| {
+                hash_key(&[
+                    b"pid",
+                    intake.provider.as_bytes(),
+                    intake.account.as_deref().unwrap_or("").as_bytes(),
+                    m.as_bytes(),
+                ])
+            });
+            let fingerprint_key = hash_key(&[
+                b"fp",
+                identity.key.as_bytes(),
+                intake.subject.as_deref().unwrap_or("").as_bytes(),
+                text.as_bytes(),
+            ]);
+            let earlier = provider_key
+                .and_then(|k| in_batch.get(&k))
+                .or_else(|| in_batch.get(&fingerprint_key));
+            if let Some(&j) = earlier {
+                hit(ctx.channel, "in_batch");
+                slots.push(Slot::SameAs(j));
+                continue;
+            }
+            let provider_claim = match provider_key {
+                Some(k) => match self.provider_ids.claim(k).await {
+                    Lookup::Duplicate(id) => {
+                        hit(ctx.channel, "provider_id");
+                        slots.push(Slot::Duplicate(id));
+                        continue;
+                    }
+                    Lookup::New(c) => Some(c),
+                },
+                None => None,
+            };
+            match self.fingerprints.claim(fingerprint_key).await {
+                Lookup::Duplicate(id) => {
+                    hit(ctx.channel, "fingerprint");
+                    // A retry under a new message id: later retries of this id answer alike.
+                    if let Some(c) = provider_claim {
+                        c.commit(id);
+                    }
+                    slots.push(Slot::Duplicate(id));
+                }
+                Lookup::New(c) => {
+                    if let Some(k) = provider_key {
+                        in_batch.insert(k, i);
+                    }
+                    in_batch.insert(fingerprint_key, i);
+                    slots.push(Slot::New {
+                        provider_claim,
+                        fingerprint_claim: c,
+                        dedupe_key: provider_key.unwrap_or(fingerprint_key),
+                    });
+                }
+            }
+        }
+        slots
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        id: Ulid,
+        received_at: DateTime<Utc>,
+        ctx: &RequestCtx,
+        intake: Intake,
+        identity: Identity,
+        text: String,
+        truncated: bool,
+        dedupe_key: u128,
+    ) -> ComplaintRecord {
+        let mut metadata = intake.metadata;
+        if let Some(t) = intake.occurred_at {
+            metadata.insert("occurred_at".into(), rfc3339_ms(t));
+        }
+        if truncated {
+            metadata.insert("text_truncated".into(), "true".into());
+        }
+        tracing::info!(
+            record_id = %id,
+            channel = ctx.channel,
+            provider = %intake.provider,
+            customer = %mask_customer_key(&identity.key),
+            trace_id = %ctx.trace_id,
+            "complaint accepted"
+        );
+        // Placeholder triage until the rules land: every field exists, values are defaults.
+        let triage = Triage {
+            category: "other".into(),
+            severity: "general".into(),
+            major_level: None,
+            sla: Sla {
+                first_response_due: rfc3339_ms(received_at + self.first_response),
+                resolution_due: rfc3339_ms(received_at + self.resolution),
+            },
+            reasons: vec!["default".into()],
+            incident: None,
+        };
+        ComplaintRecord {
+            schema: SCHEMA.into(),
+            id: id.to_string(),
+            received_at: rfc3339_ms(received_at),
+            channel: intake.channel,
+            provider: intake.provider,
+            provider_message_id: intake.provider_message_id,
+            customer: Customer {
+                key: identity.key,
+                phone: identity.phone,
+                email: identity.email,
+                customer_id: identity.customer_id,
+                social: identity.social.map(|s| SocialIdentity {
+                    platform: s.platform,
+                    account: s.account,
+                    id: s.id,
+                    handle: s.handle,
+                }),
+                name: identity.name,
+            },
+            conversation: Conversation {
+                thread_id: intake.thread_id,
+                in_reply_to: intake.in_reply_to,
+            },
+            content: Content {
+                subject: intake
+                    .subject
+                    .map(|s| normalize_text(&s))
+                    .filter(|s| !s.is_empty()),
+                text,
+                language: intake.language,
+                attachments: intake.attachments,
+                voice: intake.voice,
+            },
+            triage,
+            dedupe_key: format!("{dedupe_key:032x}"),
+            trace_id: ctx.trace_id.clone(),
+            metadata,
+        }
+    }
+
+    fn unavailable(&self, message: &str) -> Rejection {
+        Rejection::new(Reason::SinkUnavailable, message).retry_after(self.retry_after)
+    }
+}
+
+fn hit(channel: &'static str, kind: &'static str) {
+    metrics::counter!(telemetry::DEDUPE_HITS, "channel" => channel, "kind" => kind).increment(1);
+}
+
+fn limited(channel: &'static str, l: crate::limits::Limited) -> Rejection {
+    tracing::info!(channel, scope = l.scope.as_str(), "rate limited");
+    metrics::counter!(telemetry::RATE_LIMITED, "channel" => channel, "scope" => l.scope.as_str())
+        .increment(1);
+    Rejection::new(
+        Reason::RateLimited {
+            scope: l.scope.as_str(),
+        },
+        format!(
+            "too many requests ({} limit); retry later",
+            l.scope.as_str()
+        ),
+    )
+    .retry_after(l.retry_after)
+}
+
+/// The record as the sinks see it: key, headers, JSON payload.
+pub fn encode(record: &ComplaintRecord) -> Encoded {
+    Encoded {
+        key: record.customer.key.clone(),
+        headers: vec![
+            ("schema", record.schema.clone()),
+            ("channel", record.channel.as_str().to_string()),
+            ("provider", record.provider.clone()),
+            ("trace_id", record.trace_id.clone()),
+            ("dedupe_key", record.dedupe_key.clone()),
+        ],
+        payload: Bytes::from(serde_json::to_vec(record).expect("records serialise")),
+    }
+}
+
+/// A trace id: the W3C `traceparent` trace-id when the caller sent a valid one, else a new one.
+pub fn trace_id(traceparent: Option<&str>) -> String {
+    if let Some(tp) = traceparent {
+        let parts: Vec<&str> = tp.trim().split('-').collect();
+        if parts.len() == 4
+            && parts[1].len() == 32
+            && parts[1]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            && parts[1] != "00000000000000000000000000000000"
+        {
+            return parts[1].to_string();
+        }
+    }
+    format!("{:032x}", u128::from(Ulid::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::ChannelKind;
+    use crate::sink::memory::MemorySink;
+
+    fn pipeline() -> (Arc<Pipeline>, Arc<MemorySink>) {
+        let sink = Arc::new(MemorySink::default());
+        (Pipeline::new(&Config::default(), sink.clone()), sink)
+    }
+
+    fn ctx() -> RequestCtx {
+        RequestCtx {
+            peer: "127.0.0.1".parse().unwrap(),
+            channel: "api",
+            trace_id: trace_id(None),
+        }
+    }
+
+    fn intake(id: &str, phone: &str, text: &str) -> Intake {
+        let mut i = Intake::new(ChannelKind::Api, "api", text);
+        i.provider_message_id = Some(id.into());
+        i.account = Some("crm".into());
+        i.identity.phone = Some(phone.into());
+        i
+    }
+
+    #[tokio::test]
+    async fn redelivery_and_fingerprint_duplicates_answer_with_the_first_id() {
+        let (p, sink) = pipeline();
+        let a = p
+            .submit(&ctx(), vec![intake("e1", "13800138000", "no signal")])
+            .await
+            .unwrap();
+        assert!(!a[0].duplicate);
+        let b = p
+            .submit(&ctx(), vec![intake("e1", "13800138000", "no signal")])
+            .await
+            .unwrap();
+        assert_eq!(
+            b[0],
+            Accepted {
+                id: a[0].id,
+                duplicate: true
+            }
+        );
+        // Same sender, same text, new id (a double submission) within the short window.
+        let c = p
+            .submit(
+                &ctx(),
+                vec![intake("e2", "+86 138 0013 8000", "no  signal")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            c[0],
+            Accepted {
+                id: a[0].id,
+                duplicate: true
+            }
+        );
+        // And the new id now answers the same too.
+        let d = p
+            .submit(&ctx(), vec![intake("e2", "13800138000", "other text")])
+            .await
+            .unwrap();
+        assert_eq!(d[0].id, a[0].id);
+        assert_eq!(sink.records.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn batch_with_repeats_inside_writes_once() {
+        let (p, sink) = pipeline();
+        let out = p
+            .submit(
+                &ctx(),
+                vec![
+                    intake("a", "13800138000", "x"),
+                    intake("b", "13900139000", "y"),
+                    intake("a", "13800138000", "x"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!(
+            out[2],
+            Accepted {
+                id: out[0].id,
+                duplicate: true
+            }
+        );
+        assert_ne!(out[0].id, out[1].id);
+        assert_eq!(sink.records.lock().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn records_carry_key_headers_and_placeholder_triage() {
+        let (p, sink) = pipeline();
+        let out = p
+            .submit(&ctx(), vec![intake("e9", "13800138000", "网络很差")])
+            .await
+            .unwrap();
+        let recs = sink.records.lock();
+        let e = &recs[0];
+        assert_eq!(e.key, "+8613800138000");
+        let names: Vec<_> = e.headers.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            ["schema", "channel", "provider", "trace_id", "dedupe_key"]
+        );
+        let r: ComplaintRecord = serde_json::from_slice(&e.payload).unwrap();
+        assert_eq!(r.id, out[0].id.to_string());
+        assert_eq!(r.triage.category, "other");
+        assert_eq!(r.triage.severity, "general");
+        assert_eq!(r.content.text, "网络很差");
+    }
+
+    #[tokio::test]
+    async fn bad_identity_is_a_typed_rejection_naming_the_index() {
+        let (p, _) = pipeline();
+        let e = p
+            .submit(
+                &ctx(),
+                vec![intake("a", "13800138000", "x"), intake("b", "12", "y")],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, Reason::InvalidEvent);
+        assert!(e.message.starts_with("[1] customer"), "{}", e.message);
+    }
+
+    #[test]
+    fn trace_ids_come_from_traceparent_when_valid() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(Some(tp)), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace_id(Some("garbage")).len(), 32);
+        assert_ne!(trace_id(None), trace_id(None));
+    }
+}

@@ -1,0 +1,250 @@
+//! Metric names (one table, mirrored in the README), the Prometheus recorder, logging set-up, and
+//! the maskers that keep personal data out of logs.
+//!
+//! Labels are always drawn from fixed vocabularies (route, status, channel, reason, sink, scope):
+//! never a phone, email, name, text, or any id a sender controls.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
+pub const HTTP_IN_FLIGHT: &str = "switchboard_http_in_flight_requests";
+pub const HTTP_CONNECTIONS: &str = "switchboard_http_connections";
+pub const HTTP_CONNECTIONS_REJECTED: &str = "switchboard_http_connections_rejected_total";
+pub const RECORDS_EMITTED: &str = "switchboard_records_emitted_total";
+pub const REJECTIONS: &str = "switchboard_rejections_total";
+pub const SIGNATURE_LOG_ONLY: &str = "switchboard_signature_failures_allowed_total";
+pub const DEDUPE_HITS: &str = "switchboard_dedupe_hits_total";
+pub const DEDUPE_ENTRIES: &str = "switchboard_dedupe_entries";
+pub const DEDUPE_EVICTIONS: &str = "switchboard_dedupe_evictions_total";
+pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
+pub const RATE_LIMIT_KEYS: &str = "switchboard_rate_limit_keys";
+pub const SINK_WRITE_SECONDS: &str = "switchboard_sink_write_duration_seconds";
+pub const SINK_FALLBACKS: &str = "switchboard_sink_fallbacks_total";
+pub const SINK_ERRORS: &str = "switchboard_sink_errors_total";
+pub const SPOOL_BYTES: &str = "switchboard_spool_bytes";
+pub const SPOOL_RECORDS: &str = "switchboard_spool_records";
+pub const SPOOL_SEGMENTS: &str = "switchboard_spool_segments";
+pub const SPOOL_FSYNC_SECONDS: &str = "switchboard_spool_fsync_duration_seconds";
+pub const SPOOL_TORN_RECORDS: &str = "switchboard_spool_torn_records_total";
+pub const KAFKA_UP: &str = "switchboard_kafka_up";
+pub const KAFKA_QUEUE_MESSAGES: &str = "switchboard_kafka_queue_messages";
+pub const KAFKA_QUEUE_BYTES: &str = "switchboard_kafka_queue_bytes";
+pub const KAFKA_BROKER_RTT_SECONDS: &str = "switchboard_kafka_broker_rtt_avg_seconds";
+pub const KAFKA_TX_ERRORS: &str = "switchboard_kafka_broker_tx_errors";
+pub const KAFKA_DELIVERY_ERRORS: &str = "switchboard_kafka_delivery_errors_total";
+pub const BUILD_INFO: &str = "switchboard_build_info";
+
+/// Installs the global recorder and returns the handle `/metrics` renders.
+pub fn install_recorder() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    // Background upkeep of histograms; rendering also does it, this bounds memory between scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route and status code."
+    );
+    describe_gauge!(HTTP_IN_FLIGHT, "HTTP requests being processed now.");
+    describe_gauge!(HTTP_CONNECTIONS, "Open connections on the public listener.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REJECTED,
+        "Connections closed at once because http.max_connections was reached."
+    );
+    describe_counter!(
+        RECORDS_EMITTED,
+        "Complaint records made durable, by channel and sink (kafka or spool)."
+    );
+    describe_counter!(REJECTIONS, "Requests rejected, by channel and reason.");
+    describe_counter!(
+        SIGNATURE_LOG_ONLY,
+        "Signature failures let through because the channel's mode is log_only."
+    );
+    describe_counter!(
+        DEDUPE_HITS,
+        "Redeliveries answered with the original record, by channel and kind."
+    );
+    describe_gauge!(
+        DEDUPE_ENTRIES,
+        "Entries held by the dedupe window (128-bit hashes)."
+    );
+    describe_counter!(
+        DEDUPE_EVICTIONS,
+        "Dedupe entries dropped before expiry because dedupe.max_entries was reached."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a rate limit, by channel and scope."
+    );
+    describe_gauge!(RATE_LIMIT_KEYS, "Keys held by the rate limiters, by scope.");
+    describe_histogram!(
+        SINK_WRITE_SECONDS,
+        Unit::Seconds,
+        "Time from handing records to a sink until it reported them durable."
+    );
+    describe_counter!(
+        SINK_FALLBACKS,
+        "Records written to the spool because Kafka could not take them, by reason."
+    );
+    describe_counter!(SINK_ERRORS, "Sink writes that failed, by sink.");
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes in the spool's segments.");
+    describe_gauge!(SPOOL_RECORDS, "Records in the spool's segments.");
+    describe_gauge!(SPOOL_SEGMENTS, "Segment files in the spool.");
+    describe_histogram!(
+        SPOOL_FSYNC_SECONDS,
+        Unit::Seconds,
+        "Time of one group commit (write + fsync) in the spool."
+    );
+    describe_counter!(
+        SPOOL_TORN_RECORDS,
+        "Torn or corrupt records found (and skipped) while opening the spool."
+    );
+    describe_gauge!(KAFKA_UP, "1 when at least one Kafka broker is connected.");
+    describe_gauge!(
+        KAFKA_QUEUE_MESSAGES,
+        "Messages in librdkafka's producer queue (msg_cnt)."
+    );
+    describe_gauge!(
+        KAFKA_QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes in librdkafka's producer queue (msg_size)."
+    );
+    describe_gauge!(
+        KAFKA_BROKER_RTT_SECONDS,
+        Unit::Seconds,
+        "Average broker round-trip time over the last statistics interval, by broker id."
+    );
+    describe_gauge!(
+        KAFKA_TX_ERRORS,
+        "Broker transmit errors (cumulative), by broker id."
+    );
+    describe_counter!(
+        KAFKA_DELIVERY_ERRORS,
+        "Kafka deliveries that failed (the record then went to the spool)."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+}
+
+/// Sets up `tracing`: JSON or pretty, level from config unless `RUST_LOG` says otherwise.
+pub fn init_logging(cfg: &crate::config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cfg.level.clone()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let res = match cfg.format {
+        crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        crate::config::LogFormat::Pretty => builder.try_init(),
+    };
+    // A second init (tests) keeps the first subscriber.
+    drop(res);
+}
+
+/// `+8613800138000` → `+86138****8000`; `13800138000` → `138****8000`. Keeps at most the first
+/// three and last four digits of the subscriber part, so an 11-digit number shows 7 at most.
+pub fn mask_phone(phone: &str) -> String {
+    let (prefix, digits) = match phone.strip_prefix("+86") {
+        Some(rest) => ("+86", rest),
+        None => match phone.strip_prefix('+') {
+            Some(rest) => ("+", rest),
+            None => ("", phone),
+        },
+    };
+    let chars: Vec<char> = digits.chars().collect();
+    if chars.len() <= 7 {
+        return format!("{prefix}****");
+    }
+    let head: String = chars[..3].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{prefix}{head}****{tail}")
+}
+
+/// `john.doe@example.com` → `j***@example.com`.
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first = local.chars().next().map(String::from).unwrap_or_default();
+            format!("{first}***@{domain}")
+        }
+        None => "***".into(),
+    }
+}
+
+/// A customer key in a log line: phones and emails masked, scoped social ids shortened.
+pub fn mask_customer_key(key: &str) -> String {
+    if key.starts_with('+') {
+        mask_phone(key)
+    } else if key.contains('@') {
+        mask_email(key)
+    } else {
+        match key.rsplit_once(':') {
+            Some((scope, id)) => {
+                let keep: String = id.chars().take(3).collect();
+                format!("{scope}:{keep}***")
+            }
+            None => "***".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_masked_to_at_most_seven_digits() {
+        assert_eq!(mask_phone("+8613800138000"), "+86138****8000");
+        assert_eq!(mask_phone("13800138000"), "138****8000");
+        assert_eq!(mask_phone("+14155550123"), "+141****0123");
+        assert_eq!(mask_phone("+123"), "+****");
+        for p in [
+            "+8613800138000",
+            "13800138000",
+            "+447700900123",
+            "+14155550123",
+        ] {
+            let shown = mask_phone(p)
+                .trim_start_matches("+86")
+                .chars()
+                .filter(|c| c.is_ascii_digit())
+                .count();
+            assert!(shown <= 7, "{p} shows {shown} digits");
+            // Idempotent enough that masking a mask reveals nothing new.
+            assert!(!mask_phone(&mask_phone(p)).contains("0013"));
+        }
+    }
+
+    #[test]
+    fn emails_keep_one_letter_and_the_domain() {
+        assert_eq!(mask_email("john.doe@example.com"), "j***@example.com");
+        assert_eq!(mask_email("nobody"), "***");
+        assert_eq!(
+            mask_customer_key("wechat:gh_1:oABCDEFG"),
+            "wechat:gh_1:oAB***"
+        );
+        assert_eq!(mask_customer_key("+8613800138000"), "+86138****8000");
+    }
+}
