@@ -360,8 +360,12 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            // Only SECTION__KEY names are overrides; SWITCHBOARD_CONFIG and the like are not.
+            if !rest.contains("__") {
+                continue;
+            }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+            if path.iter().any(|p| p.is_empty()) {
                 return Err(key_err(
                     &name,
                     "env overrides look like SWITCHBOARD_<SECTION>__<KEY>",
