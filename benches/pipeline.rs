@@ -1,1 +1,117 @@
-fn main() {}
+//! Hot-path benchmarks. Each group has a baseline measured in the same run, so results read as
+//! ratios (e.g. "the whole pipeline costs N× a bare serde_json parse of the same body").
+//!
+//!   cargo bench --bench pipeline
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::sync::Arc;
+use switchboard::config::{Config, SpoolConfig};
+use switchboard::identity::Normalizer;
+use switchboard::pipeline::{trace_id, Pipeline, RequestCtx};
+use switchboard::record::{ChannelKind, Intake};
+use switchboard::sink::memory::MemorySink;
+use switchboard::sink::spool::Spool;
+
+const BODY: &str = r#"{"event_id":"crm-1","source":"crm","customer":{"phone":"13800138000","name":"张伟"},"text":"从昨天晚上开始家里宽带一直断网，客服电话打了三次都没人解决。","metadata":{"area":"shenzhen"}}"#;
+
+fn intake(i: u64) -> Intake {
+    let mut it = Intake::new(
+        ChannelKind::Api,
+        "api",
+        format!("宽带断网 complaint number {i}"),
+    );
+    it.provider_message_id = Some(format!("crm-{i}"));
+    it.account = Some("crm".into());
+    it.identity.phone = Some(format!("138{:08}", i % 100_000_000));
+    it
+}
+
+fn pipeline_bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = Config::default();
+    cfg.limits.enabled = false;
+    let pipeline = rt.block_on(async { Pipeline::new(&cfg, Arc::new(MemorySink::default())) });
+    let ctx = RequestCtx {
+        peer: "127.0.0.1".parse().unwrap(),
+        channel: "api",
+        trace_id: trace_id(None),
+    };
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("baseline_serde_json_parse", |b| {
+        b.iter(|| serde_json::from_str::<serde_json::Value>(std::hint::black_box(BODY)).unwrap())
+    });
+    let mut n = 0u64;
+    g.bench_function("submit_new_record_memory_sink", |b| {
+        b.to_async(&rt).iter_batched(
+            || {
+                n += 1;
+                vec![intake(n)]
+            },
+            |batch| async { pipeline.submit(&ctx, batch).await.unwrap() },
+            BatchSize::SmallInput,
+        )
+    });
+    rt.block_on(pipeline.submit(&ctx, vec![intake(0)])).unwrap();
+    g.bench_function("submit_duplicate", |b| {
+        b.to_async(&rt).iter_batched(
+            || vec![intake(0)],
+            |batch| async { pipeline.submit(&ctx, batch).await.unwrap() },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+
+    let norm = Normalizer::new("CN");
+    norm.warm_up();
+    let mut g = c.benchmark_group("identity");
+    g.bench_function("baseline_lowercase_email", |b| {
+        b.iter(|| std::hint::black_box("Zhang.Wei@Example.COM").to_lowercase())
+    });
+    g.bench_function("phone_to_e164", |b| {
+        b.iter(|| norm.phone(std::hint::black_box("138 0013 8000")).unwrap())
+    });
+    g.finish();
+}
+
+fn spool_bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(
+        Spool::open(&SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 64 << 20,
+            max_batch_records: 4096,
+        })
+        .unwrap(),
+    );
+    let payload = Bytes::from(BODY);
+    let mut g = c.benchmark_group("spool");
+    g.sample_size(20);
+    // One record per fsync (the floor), then 64 concurrent appends sharing group commits.
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("append_1_sequential", |b| {
+        b.to_async(&rt)
+            .iter(|| async { spool.append(vec![payload.clone()]).await.unwrap() })
+    });
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("append_64_concurrent_group_commit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let s = spool.clone();
+                    let p = payload.clone();
+                    tokio::spawn(async move { s.append(vec![p]).await })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, pipeline_bench, spool_bench);
+criterion_main!(benches);

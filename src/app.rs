@@ -75,7 +75,7 @@ impl Handler for Public {
                 if r.reason.status().is_server_error() {
                     tracing::warn!(route, reason = r.reason.code(), "request failed");
                 } else {
-                    tracing::debug!(route, reason = r.reason.code(), "request rejected");
+                    tracing::info!(route, reason = r.reason.code(), "request rejected");
                 }
                 let mut resp = rejection_response(&r);
                 if r.reason == Reason::MethodNotAllowed {
@@ -174,13 +174,17 @@ impl Handler for Admin {
 }
 
 /// Opens the sink the config asks for: the spool alone, or Kafka with the spool behind it.
-pub fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
+pub async fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
     let spool = Arc::new(
         Spool::open(&cfg.spool)
             .map_err(|e| format!("spool.dir {}: {e}", cfg.spool.dir.display()))?,
     );
     if cfg.kafka_enabled() {
         let kafka = KafkaSink::new(&cfg.kafka).map_err(|e| format!("kafka: {e}"))?;
+        // Know the broker's state before the first request, so a healthy start does not spool.
+        if !kafka.probe_once(Duration::from_secs(3)).await {
+            tracing::warn!(brokers = %cfg.kafka.brokers, "kafka unreachable at start; records go to the spool until it answers");
+        }
         tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, "sink: kafka, spool as fallback");
         Ok(Arc::new(Failover::new(kafka, spool)))
     } else {
@@ -192,7 +196,7 @@ pub fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
 /// Runs the gateway until SIGTERM/SIGINT, then shuts down gracefully.
 pub async fn serve(cfg: Config) -> Result<(), String> {
     let prometheus = telemetry::install_recorder()?;
-    let sink = open_sink(&cfg)?;
+    let sink = open_sink(&cfg).await?;
     let pipeline = Pipeline::new(&cfg, sink);
 
     let public_listener = TcpListener::bind(cfg.http.listen)

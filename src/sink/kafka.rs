@@ -125,29 +125,34 @@ impl KafkaSink {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Asks a broker for metadata once (bounded); marks Kafka up when one answers.
+    pub async fn probe_once(self: &Arc<Self>, timeout: Duration) -> bool {
+        let probe = self.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            probe
+                .producer
+                .client()
+                .fetch_metadata(Some(&probe.topic), timeout)
+                .map(|m| !m.brokers().is_empty())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if ok && !self.up.swap(true, Ordering::Relaxed) {
+            tracing::info!("kafka: broker reachable; records go to Kafka");
+            metrics::gauge!(crate::telemetry::KAFKA_UP).set(1.0);
+        }
+        ok
+    }
+
     async fn probe_loop(me: std::sync::Weak<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let Some(sink) = me.upgrade() else { return };
-            if sink.is_up() {
-                continue;
-            }
-            let probe = sink.clone();
-            let ok = tokio::task::spawn_blocking(move || {
-                probe
-                    .producer
-                    .client()
-                    .fetch_metadata(Some(&probe.topic), Duration::from_secs(2))
-                    .map(|m| m.brokers().iter().any(|_| true))
-                    .unwrap_or(false)
-            })
-            .await
-            .unwrap_or(false);
-            if ok && !sink.up.swap(true, Ordering::Relaxed) {
-                tracing::info!("kafka: broker reachable; records go to Kafka");
-                metrics::gauge!(crate::telemetry::KAFKA_UP).set(1.0);
+            if !sink.is_up() {
+                sink.probe_once(Duration::from_secs(2)).await;
             }
         }
     }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The test command (what .ci/run calls): installs what the build and the broker need, fetches
+# and starts a real Apache Kafka broker (KRaft, from Maven Central) on loopback, runs formatting,
+# lint and every test against it, and stops the broker however the run ends.
+#
+#   scripts/test.sh                 everything
+#   scripts/test.sh -- <args>       extra arguments for `cargo test` (e.g. a test name filter)
+#
+# Env: KAFKA_TEST_PORT (default 19092; the controller takes the next port).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+log() { printf '== %s\n' "$*"; }
+
+# 1. System packages: a C toolchain, pkg-config and OpenSSL headers for rdkafka's bundled
+#    librdkafka; a Java 17 runtime and Maven for the broker.
+missing=()
+for pkg in build-essential pkg-config libssl-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. The broker: jars cached under .kafka/ (git-ignored), started on loopback, always stopped.
+port=${KAFKA_TEST_PORT:-19092}
+broker_dir="$root/.kafka/test-broker"
+log "fetching Apache Kafka from Maven Central (cached after the first run)"
+bash scripts/kafka.sh fetch
+cleanup() { bash scripts/kafka.sh stop "$broker_dir" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+cleanup
+log "starting Kafka on 127.0.0.1:$port"
+bash scripts/kafka.sh start "$broker_dir" "$port"
+export SWITCHBOARD_TEST_KAFKA="127.0.0.1:$port"
+
+# 3. Format, lint, tests (unit tests, end-to-end tests against the broker, doc tests).
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo test"
+extra=()
+if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi
+cargo test --workspace --all-targets --locked "${extra[@]}"
+log "all tests passed"
