@@ -248,3 +248,25 @@ mod tests {
         assert_eq!(mask_customer_key("+8613800138000"), "+86138****8000");
     }
 }
+
+#[cfg(test)]
+mod readme_tests {
+    /// Every metric this module names is documented in the README's metrics table.
+    #[test]
+    fn every_metric_is_in_the_readme_table() {
+        let readme = include_str!("../README.md");
+        let src = include_str!("telemetry.rs");
+        let names: Vec<&str> = src
+            .lines()
+            .filter(|l| l.starts_with("pub const ") && l.contains("\"switchboard_"))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert!(names.len() > 20);
+        for n in names {
+            assert!(
+                readme.contains(&format!("`{n}`")),
+                "{n} missing from README metrics table"
+            );
+        }
+    }
+}
