@@ -593,6 +593,56 @@ mod tests {
         assert!(e.message.starts_with("[1] customer"), "{}", e.message);
     }
 
+    /// A sink that fails while `fail` is set.
+    #[derive(Default)]
+    struct Flaky {
+        fail: std::sync::atomic::AtomicBool,
+        inner: MemorySink,
+    }
+
+    impl Sink for Flaky {
+        fn write<'a>(
+            &'a self,
+            batch: &'a [Encoded],
+        ) -> futures_util::future::BoxFuture<
+            'a,
+            Result<Vec<crate::sink::Landed>, crate::sink::SinkError>,
+        > {
+            if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+                Box::pin(async { Err(crate::sink::SinkError::Spool("disk gone".into())) })
+            } else {
+                self.inner.write(batch)
+            }
+        }
+        fn health(&self) -> Health {
+            self.inner.health()
+        }
+        fn shutdown(&self) -> futures_util::future::BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn sink_failure_is_503_with_retry_after_and_the_retry_is_not_a_duplicate() {
+        let sink = Arc::new(Flaky::default());
+        sink.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        let p = Pipeline::new(&Config::default(), sink.clone());
+        let e = p
+            .submit(&ctx(), vec![intake("e1", "13800138000", "x")])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason, Reason::SinkUnavailable);
+        assert_eq!(e.reason.status(), hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.retry_after_secs(), Some(5));
+        sink.fail.store(false, std::sync::atomic::Ordering::Relaxed);
+        let ok = p
+            .submit(&ctx(), vec![intake("e1", "13800138000", "x")])
+            .await
+            .unwrap();
+        assert!(!ok[0].duplicate, "nothing was kept, so the retry is new");
+        assert_eq!(sink.inner.records.lock().len(), 1);
+    }
+
     #[test]
     fn trace_ids_come_from_traceparent_when_valid() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
