@@ -1,7 +1,13 @@
 //! Wiring: routes of the public and admin listeners, the sink chosen by config, background upkeep,
 //! signals and the graceful shutdown order (stop accepting → drain in-flight → flush → exit).
 
-use crate::channels::api::{self, ApiChannel};
+use crate::channels::alibaba::Alibaba;
+use crate::channels::api::ApiChannel;
+use crate::channels::segments::Assembler;
+use crate::channels::smpp::Smpp;
+use crate::channels::twilio::Twilio;
+use crate::channels::vonage::Vonage;
+use crate::channels::{Channel, Inbound};
 use crate::config::Config;
 use crate::error::{Reason, Rejection};
 use crate::http::{
@@ -21,9 +27,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// A public route: an exact path, or a prefix (for routes that carry a secret path token).
+struct Route {
+    path: &'static str,
+    prefix: bool,
+    channel: Arc<dyn Channel>,
+}
+
 struct PublicInner {
     pipeline: Arc<Pipeline>,
-    api: ApiChannel,
+    routes: Vec<Route>,
     max_body: usize,
     body_timeout: Duration,
 }
@@ -53,40 +66,25 @@ impl Handler for Public {
         let me = self.0.clone();
         Box::pin(async move {
             let _in_flight = InFlight::start();
-            let path = req.uri().path().to_string();
-            let (route, channel, allow, result) = match path.as_str() {
-                "/v1/events" => {
-                    let r = if req.method() == Method::POST {
-                        me.api_events(req, peer).await
-                    } else {
-                        Err(Rejection::new(Reason::MethodNotAllowed, "use POST"))
-                    };
-                    ("/v1/events", api::NAME, "POST", r)
-                }
-                _ => (
-                    "unmatched",
-                    "none",
-                    "",
-                    Err(Rejection::new(Reason::NotFound, "no such route")),
-                ),
-            };
-            let resp = result.unwrap_or_else(|r| {
-                r.count(channel);
-                if r.reason.status().is_server_error() {
-                    tracing::warn!(route, reason = r.reason.code(), "request failed");
+            let path = req.uri().path();
+            let route = me.routes.iter().find(|r| {
+                if r.prefix {
+                    path.starts_with(r.path)
                 } else {
-                    tracing::info!(route, reason = r.reason.code(), "request rejected");
+                    path == r.path
                 }
-                let mut resp = rejection_response(&r);
-                if r.reason == Reason::MethodNotAllowed {
-                    resp.headers_mut()
-                        .insert(ALLOW, HeaderValue::from_static(allow));
-                }
-                resp
             });
+            let (label, resp) = match route {
+                Some(r) => (r.path, me.dispatch(r.channel.as_ref(), req, peer).await),
+                None => {
+                    let r = Rejection::new(Reason::NotFound, "no such route");
+                    r.count("none");
+                    ("unmatched", rejection_response(&r))
+                }
+            };
             metrics::counter!(
                 telemetry::HTTP_REQUESTS,
-                "route" => route,
+                "route" => label,
                 "status" => resp.status().as_str().to_string()
             )
             .increment(1);
@@ -96,24 +94,67 @@ impl Handler for Public {
 }
 
 impl PublicInner {
-    async fn api_events(
+    /// Limits, cheap checks, body within its caps, then the channel; errors in the channel's
+    /// own shape, each counted by channel and reason.
+    async fn dispatch(
         &self,
+        channel: &dyn Channel,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<Resp, Rejection> {
+    ) -> Resp {
         let ctx = RequestCtx {
             peer: peer.ip(),
-            channel: api::NAME,
+            channel: channel.name(),
             trace_id: trace_id(
                 req.headers()
                     .get("traceparent")
                     .and_then(|v| v.to_str().ok()),
             ),
         };
-        self.pipeline.admit(&ctx)?;
-        ApiChannel::check_content_type(req.headers())?;
-        let (parts, body) = http::read_body(req, self.max_body, self.body_timeout).await?;
-        self.api.handle(&parts, body, &self.pipeline, &ctx).await
+        let result = async {
+            self.pipeline.admit(&ctx)?;
+            let (parts, body) = req.into_parts();
+            channel.precheck(&parts, &ctx)?;
+            let (parts, body) = http::read_body(
+                Request::from_parts(parts, body),
+                self.max_body,
+                self.body_timeout,
+            )
+            .await?;
+            channel
+                .handle(
+                    Inbound {
+                        parts,
+                        body,
+                        ctx: ctx.clone(),
+                    },
+                    &self.pipeline,
+                )
+                .await
+        }
+        .await;
+        result.unwrap_or_else(|r| {
+            r.count(ctx.channel);
+            if r.reason.status().is_server_error() {
+                tracing::warn!(
+                    channel = ctx.channel,
+                    reason = r.reason.code(),
+                    "request failed"
+                );
+            } else {
+                tracing::info!(
+                    channel = ctx.channel,
+                    reason = r.reason.code(),
+                    "request rejected"
+                );
+            }
+            let mut resp = channel.reject(&r);
+            if r.reason == Reason::MethodNotAllowed {
+                resp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(channel.allow()));
+            }
+            resp
+        })
     }
 }
 
@@ -173,6 +214,57 @@ impl Handler for Admin {
     }
 }
 
+/// Every public route and the channel behind it.
+fn routes(cfg: &Config, pipeline: &Arc<Pipeline>) -> Result<Vec<Route>, String> {
+    let exact = |path, channel: Arc<dyn Channel>| Route {
+        path,
+        prefix: false,
+        channel,
+    };
+    let assembler = Assembler::new(
+        pipeline.clone(),
+        cfg.sms.concat_wait(),
+        cfg.sms.concat_max_pending,
+    );
+    let twilio: Arc<dyn Channel> = Arc::new(Twilio::new(
+        cfg.twilio.clone(),
+        pipeline.normalizer().clone(),
+    ));
+    Ok(vec![
+        exact("/v1/events", Arc::new(ApiChannel::new(cfg.api.clone()))),
+        exact("/hooks/twilio/sms", twilio.clone()),
+        Route {
+            path: "/hooks/twilio/voice",
+            prefix: true,
+            channel: twilio,
+        },
+        exact(
+            "/hooks/vonage/sms",
+            Arc::new(Vonage::new(
+                cfg.vonage.clone(),
+                pipeline.normalizer().clone(),
+                assembler.clone(),
+            )),
+        ),
+        Route {
+            path: "/hooks/alibaba/sms",
+            prefix: true,
+            channel: Arc::new(Alibaba::new(
+                cfg.alibaba.clone(),
+                pipeline.normalizer().clone(),
+            )?),
+        },
+        exact(
+            "/hooks/smpp",
+            Arc::new(Smpp::new(
+                cfg.smpp.clone(),
+                pipeline.normalizer().clone(),
+                assembler,
+            )?),
+        ),
+    ])
+}
+
 /// Opens the sink the config asks for: the spool alone, or Kafka with the spool behind it.
 pub async fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
     let spool = Arc::new(
@@ -227,7 +319,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
 
     let public = Public(Arc::new(PublicInner {
         pipeline: pipeline.clone(),
-        api: ApiChannel::new(cfg.api.clone()),
+        routes: routes(&cfg, &pipeline)?,
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_read_timeout(),
     }));

@@ -25,6 +25,11 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub spool: SpoolConfig,
     pub api: ApiChannelConfig,
+    pub sms: SmsConfig,
+    pub twilio: TwilioConfig,
+    pub vonage: VonageConfig,
+    pub alibaba: AlibabaConfig,
+    pub smpp: SmppConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -300,6 +305,147 @@ impl Default for ApiChannelConfig {
     }
 }
 
+pub const CATEGORIES: [&str; 6] = [
+    "network", "billing", "service", "product", "privacy", "other",
+];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmsConfig {
+    /// How long the parts of a long SMS are awaited before what came is emitted (flagged).
+    pub concat_wait_ms: u64,
+    /// Most long messages being assembled at once.
+    pub concat_max_pending: usize,
+}
+
+impl Default for SmsConfig {
+    fn default() -> Self {
+        Self {
+            concat_wait_ms: 5_000,
+            concat_max_pending: 10_000,
+        }
+    }
+}
+
+impl SmsConfig {
+    pub fn concat_wait(&self) -> Duration {
+        Duration::from_millis(self.concat_wait_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TwilioConfig {
+    pub signature_mode: SignatureMode,
+    /// Auth Token(s): primary first, secondary during rotation.
+    pub auth_tokens: Vec<String>,
+    /// The scheme://host[:port] Twilio calls (as configured in the Twilio console); signatures
+    /// are computed over it, not over the address the request arrived at.
+    pub public_url: String,
+    /// Text sent back to an SMS sender, `{ref}` = record reference; empty: no reply message.
+    pub sms_auto_reply: String,
+    /// `<Say>`/`<Gather>` language.
+    pub voice_language: String,
+    /// Spoken when a call comes in; the caller then presses a menu key or speaks.
+    pub voice_prompt: String,
+    /// Spoken after a menu key, before recording the complaint.
+    pub voice_record_prompt: String,
+    /// Spoken once a complaint is durable; `{ref}` = record reference.
+    pub voice_confirmation: String,
+    pub voice_record_max_seconds: u32,
+    /// Menu key → category.
+    pub ivr_menu: BTreeMap<String, String>,
+}
+
+impl Default for TwilioConfig {
+    fn default() -> Self {
+        let menu = [
+            ("1", "network"),
+            ("2", "billing"),
+            ("3", "service"),
+            ("4", "product"),
+            ("5", "privacy"),
+            ("9", "other"),
+        ];
+        Self {
+            signature_mode: SignatureMode::Enforce,
+            auth_tokens: vec!["dev-only-twilio-auth-token".into()],
+            public_url: "http://127.0.0.1:8080".into(),
+            sms_auto_reply: String::new(),
+            voice_language: "zh-CN".into(),
+            voice_prompt: "您好，投诉网络问题请按1，资费问题请按2，服务问题请按3，产品问题请按4，个人信息问题请按5，其他请按9，也可以直接说出您的问题。".into(),
+            voice_record_prompt: "请在提示音后说出您的问题，说完请按井号键。".into(),
+            voice_confirmation: "您的投诉已受理，编号 {ref}。感谢您的来电，再见。".into(),
+            voice_record_max_seconds: 120,
+            ivr_menu: menu.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VonageConfig {
+    pub signature_mode: SignatureMode,
+    /// md5hash, md5, sha1, sha256 or sha512, as set on the Vonage account.
+    pub signature_method: String,
+    /// Signature secret(s): current first, previous during rotation.
+    pub secrets: Vec<String>,
+    /// The signed `timestamp` must be this close to now.
+    pub timestamp_tolerance_secs: u64,
+}
+
+impl Default for VonageConfig {
+    fn default() -> Self {
+        Self {
+            signature_mode: SignatureMode::Enforce,
+            signature_method: "sha256".into(),
+            secrets: vec!["dev-only-vonage-signature-secret".into()],
+            timestamp_tolerance_secs: 300,
+        }
+    }
+}
+
+/// Alibaba Cloud SMS uplink push has no signature: a secret path token plus source networks.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlibabaConfig {
+    pub auth_mode: SignatureMode,
+    /// The route is `/hooks/alibaba/sms/<path_token>`; use a long random value.
+    pub path_token: String,
+    /// Source networks (CIDR or addresses) allowed to push; empty: any.
+    pub allow_networks: Vec<String>,
+}
+
+impl Default for AlibabaConfig {
+    fn default() -> Self {
+        Self {
+            auth_mode: SignatureMode::Enforce,
+            path_token: "dev-only-alibaba-path-token".into(),
+            allow_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        }
+    }
+}
+
+/// SMPP-to-HTTP bridges (Jasmin style) sign nothing: source networks plus an optional token.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmppConfig {
+    pub auth_mode: SignatureMode,
+    /// When set, the bridge must send it as `X-Switchboard-Token` or the `token` parameter.
+    pub token: String,
+    pub allow_networks: Vec<String>,
+}
+
+impl Default for SmppConfig {
+    fn default() -> Self {
+        Self {
+            auth_mode: SignatureMode::Enforce,
+            token: String::new(),
+            allow_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -508,6 +654,71 @@ impl Config {
         }
         if api.max_batch == 0 {
             return Err(key_err("api.max_batch", "must be at least 1"));
+        }
+        let t = &self.twilio;
+        if t.signature_mode != SignatureMode::Off
+            && (t.auth_tokens.is_empty()
+                || t.auth_tokens.len() > 2
+                || t.auth_tokens.iter().any(|s| s.is_empty()))
+        {
+            return Err(key_err(
+                "twilio.auth_tokens",
+                "needs one auth token, or two during rotation",
+            ));
+        }
+        if !(t.public_url.starts_with("http://") || t.public_url.starts_with("https://"))
+            || t.public_url.trim_end_matches('/').matches('/').count() > 2
+        {
+            return Err(key_err(
+                "twilio.public_url",
+                "must be scheme://host[:port] with no path",
+            ));
+        }
+        for (k, v) in &t.ivr_menu {
+            if !CATEGORIES.contains(&v.as_str()) {
+                return Err(key_err(
+                    &format!("twilio.ivr_menu.{k}"),
+                    format!("`{v}` is not one of {}", CATEGORIES.join(", ")),
+                ));
+            }
+        }
+        let v = &self.vonage;
+        if !matches!(
+            v.signature_method.as_str(),
+            "md5hash" | "md5" | "sha1" | "sha256" | "sha512"
+        ) {
+            return Err(key_err(
+                "vonage.signature_method",
+                "must be md5hash, md5, sha1, sha256 or sha512",
+            ));
+        }
+        if v.signature_mode != SignatureMode::Off
+            && (v.secrets.is_empty()
+                || v.secrets.len() > 2
+                || v.secrets.iter().any(|s| s.is_empty()))
+        {
+            return Err(key_err(
+                "vonage.secrets",
+                "needs one secret, or two during rotation",
+            ));
+        }
+        if self.alibaba.auth_mode != SignatureMode::Off && self.alibaba.path_token.len() < 16 {
+            return Err(key_err(
+                "alibaba.path_token",
+                "needs at least 16 characters",
+            ));
+        }
+        if self.alibaba.path_token.contains('/') {
+            return Err(key_err("alibaba.path_token", "must not contain '/'"));
+        }
+        if self.sms.concat_max_pending == 0 {
+            return Err(key_err("sms.concat_max_pending", "must be at least 1"));
+        }
+        for (key, list) in [
+            ("alibaba.allow_networks", &self.alibaba.allow_networks),
+            ("smpp.allow_networks", &self.smpp.allow_networks),
+        ] {
+            crate::channels::Allowlist::parse(list).map_err(|m| key_err(key, m))?;
         }
         Ok(())
     }

@@ -133,6 +133,15 @@ impl Window {
         }
     }
 
+    /// The record id a key answered with, if it is within the window; claims nothing.
+    pub fn peek(&self, key: u128) -> Option<Ulid> {
+        let now = Instant::now();
+        match self.inner.shard(key).lock().map.get(&key) {
+            Some(Entry::Done { expires, id, .. }) if *expires > now => Some(*id),
+            _ => None,
+        }
+    }
+
     fn try_claim(&self, key: u128) -> Result<Lookup, watch::Receiver<Option<Ulid>>> {
         let now = Instant::now();
         let mut shard = self.inner.shard(key).lock();

@@ -20,7 +20,11 @@ pub enum Reason {
     MissingSignature,
     BadSignature,
     StaleTimestamp,
-    RateLimited { scope: &'static str },
+    /// The source network is not allowed for this channel.
+    Forbidden,
+    RateLimited {
+        scope: &'static str,
+    },
     SinkUnavailable,
     Overloaded,
     Internal,
@@ -40,6 +44,7 @@ impl Reason {
             Reason::MissingSignature => "missing_signature",
             Reason::BadSignature => "bad_signature",
             Reason::StaleTimestamp => "stale_timestamp",
+            Reason::Forbidden => "forbidden",
             Reason::RateLimited { .. } => "rate_limited",
             Reason::SinkUnavailable => "sink_unavailable",
             Reason::Overloaded => "overloaded",
@@ -58,6 +63,7 @@ impl Reason {
             Reason::MissingSignature | Reason::BadSignature | Reason::StaleTimestamp => {
                 StatusCode::UNAUTHORIZED
             }
+            Reason::Forbidden => StatusCode::FORBIDDEN,
             Reason::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Reason::SinkUnavailable | Reason::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Reason::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -141,6 +147,7 @@ mod tests {
             Reason::MissingSignature,
             Reason::BadSignature,
             Reason::StaleTimestamp,
+            Reason::Forbidden,
             Reason::RateLimited { scope: "source" },
             Reason::SinkUnavailable,
             Reason::Overloaded,

@@ -47,6 +47,7 @@ enum Slot {
     New {
         provider_claim: Option<Claim>,
         fingerprint_claim: Claim,
+        alias_claims: Vec<Claim>,
         dedupe_key: u128,
     },
     Duplicate(Ulid),
@@ -89,6 +90,16 @@ impl Pipeline {
             write_timeout: Duration::from_millis(cfg.sink.write_timeout_ms),
             retry_after: Duration::from_secs(cfg.sink.retry_after_secs.max(1)),
         })
+    }
+
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    /// The record that already answered this provider message id, if any (claims nothing).
+    pub fn seen(&self, provider: &str, account: Option<&str>, message_id: &str) -> Option<Ulid> {
+        self.provider_ids
+            .peek(provider_key(provider, account, message_id))
     }
 
     pub fn limits(&self) -> &Arc<Limits> {
@@ -232,10 +243,14 @@ impl Pipeline {
                 Slot::New {
                     provider_claim,
                     fingerprint_claim,
+                    alias_claims,
                     ..
                 } => {
                     let id = id.expect("new slots have ids");
                     if let Some(c) = provider_claim {
+                        c.commit(id);
+                    }
+                    for c in alias_claims {
                         c.commit(id);
                     }
                     fingerprint_claim.commit(id);
@@ -266,14 +281,10 @@ impl Pipeline {
         let mut slots = Vec::with_capacity(items.len());
         let mut in_batch: HashMap<u128, usize> = HashMap::new();
         for (i, (intake, identity, text, _)) in items.iter().enumerate() {
-            let provider_key = intake.provider_message_id.as_deref().map(|m| {
-                hash_key(&[
-                    b"pid",
-                    intake.provider.as_bytes(),
-                    intake.account.as_deref().unwrap_or("").as_bytes(),
-                    m.as_bytes(),
-                ])
-            });
+            let provider_key = intake
+                .provider_message_id
+                .as_deref()
+                .map(|m| provider_key(&intake.provider, intake.account.as_deref(), m));
             let fingerprint_key = hash_key(&[
                 b"fp",
                 identity.key.as_bytes(),
@@ -313,9 +324,17 @@ impl Pipeline {
                         in_batch.insert(k, i);
                     }
                     in_batch.insert(fingerprint_key, i);
+                    let mut alias_claims = Vec::new();
+                    for alias in &intake.alias_message_ids {
+                        let k = provider_key_of(intake, alias);
+                        if let Lookup::New(c) = self.provider_ids.claim(k).await {
+                            alias_claims.push(c);
+                        }
+                    }
                     slots.push(Slot::New {
                         provider_claim,
                         fingerprint_claim: c,
+                        alias_claims,
                         dedupe_key: provider_key.unwrap_or(fingerprint_key),
                     });
                 }
@@ -351,16 +370,21 @@ impl Pipeline {
             trace_id = %ctx.trace_id,
             "complaint accepted"
         );
-        // Placeholder triage until the rules land: every field exists, values are defaults.
+        // Placeholder triage until the rules land: every field exists, values are defaults,
+        // except a category the channel already knows (an IVR menu choice).
+        let (category, reasons) = match intake.category_hint {
+            Some((category, reason)) => (category, vec![reason]),
+            None => ("other".to_string(), vec!["default".to_string()]),
+        };
         let triage = Triage {
-            category: "other".into(),
+            category,
             severity: "general".into(),
             major_level: None,
             sla: Sla {
                 first_response_due: rfc3339_ms(received_at + self.first_response),
                 resolution_due: rfc3339_ms(received_at + self.resolution),
             },
-            reasons: vec!["default".into()],
+            reasons,
             incident: None,
         };
         ComplaintRecord {
@@ -407,6 +431,19 @@ impl Pipeline {
     fn unavailable(&self, message: &str) -> Rejection {
         Rejection::new(Reason::SinkUnavailable, message).retry_after(self.retry_after)
     }
+}
+
+fn provider_key(provider: &str, account: Option<&str>, message_id: &str) -> u128 {
+    hash_key(&[
+        b"pid",
+        provider.as_bytes(),
+        account.unwrap_or("").as_bytes(),
+        message_id.as_bytes(),
+    ])
+}
+
+fn provider_key_of(intake: &Intake, message_id: &str) -> u128 {
+    provider_key(&intake.provider, intake.account.as_deref(), message_id)
 }
 
 fn hit(channel: &'static str, kind: &'static str) {

@@ -83,6 +83,11 @@ pub struct Intake {
     pub metadata: BTreeMap<String, String>,
     /// When the provider says the message was sent (kept in metadata as `occurred_at`).
     pub occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A category the channel already knows (an IVR menu choice), with the rule that set it.
+    pub category_hint: Option<(String, String)>,
+    /// Other provider message ids this record answers for (the parts of a long SMS): their
+    /// redeliveries are duplicates of this record.
+    pub alias_message_ids: Vec<String>,
 }
 
 impl Intake {
@@ -102,6 +107,8 @@ impl Intake {
             voice: None,
             metadata: BTreeMap::new(),
             occurred_at: None,
+            category_hint: None,
+            alias_message_ids: Vec::new(),
         }
     }
 }

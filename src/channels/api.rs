@@ -18,7 +18,6 @@ use crate::pipeline::{Accepted, Pipeline, RequestCtx};
 use crate::record::{Attachment, ChannelKind, Intake};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use hyper::header::CONTENT_TYPE;
 use hyper::http::request::Parts;
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -124,7 +123,7 @@ impl ApiChannel {
     }
 
     /// Verifies, parses and submits; answers 202 with the record id(s).
-    pub async fn handle(
+    pub async fn process(
         &self,
         parts: &Parts,
         body: Bytes,
@@ -159,22 +158,7 @@ impl ApiChannel {
 
     /// Content type must be JSON (checked before the body is read).
     pub fn check_content_type(headers: &hyper::HeaderMap) -> Result<(), Rejection> {
-        let ok = headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                let essence = v.split(';').next().unwrap_or("").trim();
-                essence.eq_ignore_ascii_case("application/json")
-            })
-            .unwrap_or(false);
-        if ok {
-            Ok(())
-        } else {
-            Err(Rejection::new(
-                Reason::UnsupportedMediaType,
-                "Content-Type must be application/json",
-            ))
-        }
+        super::require_content_type(headers, &["application/json"])
     }
 
     fn verify(&self, parts: &Parts, body: &[u8]) -> Result<(), Rejection> {
@@ -270,6 +254,30 @@ impl ApiChannel {
                 "body must be a JSON object (one event) or array (a batch)",
             )),
         }
+    }
+}
+
+impl super::Channel for ApiChannel {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn precheck(&self, parts: &Parts, _ctx: &RequestCtx) -> Result<(), Rejection> {
+        if parts.method != hyper::Method::POST {
+            return Err(Rejection::new(Reason::MethodNotAllowed, "use POST"));
+        }
+        Self::check_content_type(&parts.headers)
+    }
+
+    fn handle<'a>(
+        &'a self,
+        inbound: super::Inbound,
+        pipeline: &'a Pipeline,
+    ) -> futures_util::future::BoxFuture<'a, Result<Resp, Rejection>> {
+        Box::pin(async move {
+            self.process(&inbound.parts, inbound.body, pipeline, &inbound.ctx)
+                .await
+        })
     }
 }
 
