@@ -6,38 +6,6 @@ mod common;
 use common::*;
 use std::collections::{HashMap, HashSet};
 
-/// A gateway producing to a fresh topic of its own (so tests never see each other's records).
-async fn gateway_with_topic(
-    partitions: i32,
-    extra: &[(&str, String)],
-) -> (Gateway, String, String) {
-    let brokers = kafka_brokers();
-    let topic = unique("complaints.e2e");
-    create_topic(&brokers, &topic, partitions).await;
-    let mut env = vec![
-        ("SWITCHBOARD_KAFKA__BROKERS", brokers.clone()),
-        ("SWITCHBOARD_KAFKA__TOPIC", topic.clone()),
-    ];
-    env.extend(extra.iter().cloned());
-    let gw = Gateway::start(&env).await;
-    gw.wait_ready(true).await;
-    (gw, brokers, topic)
-}
-
-fn sentinel(n: u32) -> String {
-    serde_json::json!({
-        "event_id": format!("sentinel-{n}"),
-        "customer": {"id": format!("sentinel-{n}")},
-        "text": format!("sentinel {n}"),
-    })
-    .to_string()
-}
-
-fn has_text(msgs: &[rdkafka::message::OwnedMessage], text: &str) -> bool {
-    msgs.iter()
-        .any(|m| record_json(m)["content"]["text"] == text)
-}
-
 #[tokio::test]
 async fn signed_events_reach_kafka_with_fields_key_headers_and_schema() {
     let (gw, brokers, topic) = gateway_with_topic(3, &[]).await;

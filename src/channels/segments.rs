@@ -84,7 +84,7 @@ impl Assembler {
         );
         let (tx, rx) = oneshot::channel();
         enum Next {
-            Alone(Intake),
+            Alone(Box<Intake>),
             Wait {
                 complete: Option<Pending>,
                 first: bool,
@@ -98,7 +98,7 @@ impl Assembler {
                 intake
                     .metadata
                     .insert("segments".into(), format!("{}/{}", part.index, part.total));
-                Next::Alone(intake)
+                Next::Alone(Box::new(intake))
             } else {
                 let first = !pending.contains_key(&key);
                 let entry = pending.entry(key.clone()).or_insert_with(|| Pending {
@@ -118,7 +118,7 @@ impl Assembler {
             }
         };
         let (complete, first) = match next {
-            Next::Alone(intake) => return one(inner.pipeline.submit(ctx, vec![intake]).await),
+            Next::Alone(intake) => return one(inner.pipeline.submit(ctx, vec![*intake]).await),
             Next::Wait { complete, first } => (complete, first),
         };
         if let Some(p) = complete {

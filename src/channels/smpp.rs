@@ -53,7 +53,7 @@ fn plus_to_space(b: &[u8]) -> Vec<u8> {
 
 /// Text from the bridge's bytes and SMPP data coding.
 pub fn decode_text(bytes: &[u8], coding: u8) -> String {
-    if coding == 8 && bytes.len() % 2 == 0 {
+    if coding == 8 && bytes.len().is_multiple_of(2) {
         let units: Vec<u16> = bytes
             .chunks_exact(2)
             .map(|c| u16::from_be_bytes([c[0], c[1]]))

@@ -367,9 +367,7 @@ impl Twilio {
                             max = self.cfg.voice_record_max_seconds,
                         )))
                     }
-                    None => Ok(twiml(format!(
-                        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Redirect method="POST">/hooks/twilio/voice</Redirect></Response>"#
-                    ))),
+                    None => Ok(twiml(r#"<?xml version="1.0" encoding="UTF-8"?><Response><Redirect method="POST">/hooks/twilio/voice</Redirect></Response>"#.to_string())),
                 }
             }
             "/record" | "/recording-status" => {

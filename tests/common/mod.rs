@@ -318,3 +318,70 @@ pub fn partition_count(brokers: &str, topic: &str) -> usize {
         .unwrap();
     md.topics().iter().map(|t| t.partitions().len()).sum()
 }
+
+/// A gateway producing to a fresh topic of its own (so tests never see each other's records).
+pub async fn gateway_with_topic(
+    partitions: i32,
+    extra: &[(&str, String)],
+) -> (Gateway, String, String) {
+    let brokers = kafka_brokers();
+    let topic = unique("complaints.e2e");
+    create_topic(&brokers, &topic, partitions).await;
+    let mut env = vec![
+        ("SWITCHBOARD_KAFKA__BROKERS", brokers.clone()),
+        ("SWITCHBOARD_KAFKA__TOPIC", topic.clone()),
+    ];
+    env.extend(extra.iter().cloned());
+    let gw = Gateway::start(&env).await;
+    gw.wait_ready(true).await;
+    (gw, brokers, topic)
+}
+
+/// A signed /v1/events body that marks the end of a test's records in a one-partition topic.
+pub fn sentinel(n: u32) -> String {
+    serde_json::json!({
+        "event_id": format!("sentinel-{n}"),
+        "customer": {"id": format!("sentinel-{n}")},
+        "text": format!("sentinel {n}"),
+    })
+    .to_string()
+}
+
+pub fn has_text(msgs: &[rdkafka::message::OwnedMessage], text: &str) -> bool {
+    msgs.iter()
+        .any(|m| record_json(m)["content"]["text"] == text)
+}
+
+/// Posts the sentinel and reads the topic up to it: every record the test caused, in order.
+pub async fn records_until_sentinel(
+    gw: &Gateway,
+    brokers: &str,
+    topic: &str,
+) -> Vec<serde_json::Value> {
+    assert_eq!(gw.post_signed(&sentinel(99)).await.status(), 202);
+    let msgs = consume_until(brokers, topic, |m| has_text(m, "sentinel 99")).await;
+    msgs.iter()
+        .map(record_json)
+        .filter(|r| r["content"]["text"] != "sentinel 99")
+        .collect()
+}
+
+impl Gateway {
+    /// POSTs a body with a content type and extra headers to a public path.
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, String)],
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.http))
+            .header("content-type", content_type);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        req.body(body).send().await.expect("request")
+    }
+}
