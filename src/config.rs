@@ -412,6 +412,8 @@ pub struct AlibabaConfig {
     pub auth_mode: SignatureMode,
     /// The route is `/hooks/alibaba/sms/<path_token>`; use a long random value.
     pub path_token: String,
+    /// Also accepted while a new `path_token` is rolled out; empty: none.
+    pub previous_path_token: String,
     /// Source networks (CIDR or addresses) allowed to push; empty: any.
     pub allow_networks: Vec<String>,
 }
@@ -421,6 +423,7 @@ impl Default for AlibabaConfig {
         Self {
             auth_mode: SignatureMode::Enforce,
             path_token: "dev-only-alibaba-path-token".into(),
+            previous_path_token: String::new(),
             allow_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }
@@ -433,6 +436,8 @@ pub struct SmppConfig {
     pub auth_mode: SignatureMode,
     /// When set, the bridge must send it as `X-Switchboard-Token` or the `token` parameter.
     pub token: String,
+    /// Also accepted while a new `token` is rolled out; empty: none.
+    pub previous_token: String,
     pub allow_networks: Vec<String>,
 }
 
@@ -441,6 +446,7 @@ impl Default for SmppConfig {
         Self {
             auth_mode: SignatureMode::Enforce,
             token: String::new(),
+            previous_token: String::new(),
             allow_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }

@@ -38,6 +38,7 @@ struct Uplink {
 
 pub struct Alibaba {
     cfg: AlibabaConfig,
+    tokens: Vec<String>,
     allow: Allowlist,
     normalizer: crate::identity::Normalizer,
 }
@@ -49,8 +50,10 @@ impl Alibaba {
     ) -> Result<Self, String> {
         let allow = Allowlist::parse(&cfg.allow_networks)
             .map_err(|e| format!("alibaba.allow_networks: {e}"))?;
+        let tokens = vec![cfg.path_token.clone(), cfg.previous_path_token.clone()];
         Ok(Self {
             cfg,
+            tokens,
             allow,
             normalizer,
         })
@@ -109,7 +112,7 @@ impl Channel for Alibaba {
             NAME,
             &self.allow,
             ctx.peer,
-            Some((&self.cfg.path_token, token)),
+            Some((&self.tokens, token)),
         )?;
         super::require_content_type(&parts.headers, &["application/json"])
     }

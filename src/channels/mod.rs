@@ -85,13 +85,20 @@ pub fn network_and_token(
     channel: &'static str,
     allow: &Allowlist,
     peer: IpAddr,
-    token: Option<(&str, Option<&str>)>,
+    token: Option<(&[String], Option<&str>)>,
 ) -> Result<(), Rejection> {
     let outcome = if !allow.allows(peer) {
         Err(Reason::Forbidden)
     } else {
         match token {
-            Some((want, Some(got))) if token_eq(want, got) => Ok(()),
+            // Every accepted token is compared (current and previous, during rotation).
+            Some((wants, Some(got)))
+                if wants
+                    .iter()
+                    .fold(false, |ok, w| ok | (!w.is_empty() && token_eq(w, got))) =>
+            {
+                Ok(())
+            }
             Some((_, None)) => Err(Reason::MissingSignature),
             Some(_) => Err(Reason::BadSignature),
             None => Ok(()),
@@ -222,6 +229,31 @@ mod tests {
         let id = sms_identity("10086", &n, "smpp", Some("smppc"));
         assert_eq!(id.social.unwrap().id, "10086");
         assert!(id.phone.is_none());
+    }
+
+    #[test]
+    fn tokens_rotate_and_networks_gate() {
+        use crate::config::SignatureMode::*;
+        let tokens = vec!["current-token".to_string(), "previous-token".to_string()];
+        let any = Allowlist::default();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        for got in ["current-token", "previous-token"] {
+            network_and_token(Enforce, "t", &any, lo, Some((&tokens, Some(got)))).unwrap();
+        }
+        let e =
+            network_and_token(Enforce, "t", &any, lo, Some((&tokens, Some("nope")))).unwrap_err();
+        assert_eq!(e.reason, Reason::BadSignature);
+        let e = network_and_token(Enforce, "t", &any, lo, Some((&tokens, None))).unwrap_err();
+        assert_eq!(e.reason, Reason::MissingSignature);
+        // An unset previous token never matches an empty one.
+        let one = vec!["current-token".to_string(), String::new()];
+        assert!(network_and_token(Enforce, "t", &any, lo, Some((&one, Some("")))).is_err());
+        let tenet = Allowlist::parse(&["10.0.0.0/8".into()]).unwrap();
+        let e = network_and_token(Enforce, "t", &tenet, lo, None).unwrap_err();
+        assert_eq!(e.reason, Reason::Forbidden);
+        assert_eq!(provider_status(&e), hyper::StatusCode::FORBIDDEN);
+        network_and_token(LogOnly, "t", &tenet, lo, None).unwrap();
+        network_and_token(Off, "t", &tenet, lo, None).unwrap();
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub const ACK: &str = "ACK/Jasmin";
 
 pub struct Smpp {
     cfg: SmppConfig,
+    tokens: Vec<String>,
     allow: Allowlist,
     normalizer: Normalizer,
     assembler: Assembler,
@@ -73,8 +74,10 @@ impl Smpp {
     ) -> Result<Self, String> {
         let allow = Allowlist::parse(&cfg.allow_networks)
             .map_err(|e| format!("smpp.allow_networks: {e}"))?;
+        let tokens = vec![cfg.token.clone(), cfg.previous_token.clone()];
         Ok(Self {
             cfg,
+            tokens,
             allow,
             normalizer,
             assembler,
@@ -127,7 +130,7 @@ impl Channel for Smpp {
                     NAME,
                     &self.allow,
                     inbound.ctx.peer,
-                    Some((&self.cfg.token, got)),
+                    Some((&self.tokens, got)),
                 )?;
             }
             let id = form_get(&p, "id")
