@@ -45,7 +45,7 @@ pub fn sign_hex(secret: &str, parts: &[&[u8]]) -> String {
 
 /// A timestamp (unix seconds) is acceptable when within `tolerance` of `now`, in both directions.
 pub fn timestamp_fresh(ts: i64, now: i64, tolerance_secs: u64) -> bool {
-    (now - ts).unsigned_abs() <= tolerance_secs
+    now.abs_diff(ts) <= tolerance_secs
 }
 
 /// Applies a channel's mode to the outcome of its check. In `log_only` a failure is logged and
@@ -120,6 +120,11 @@ mod tests {
         assert!(timestamp_fresh(1300, 1000, 300));
         assert!(!timestamp_fresh(1000, 1301, 300));
         assert!(!timestamp_fresh(1302, 1001, 300));
+        assert!(
+            !timestamp_fresh(i64::MIN, 1_800_000_000, 300),
+            "no overflow"
+        );
+        assert!(!timestamp_fresh(i64::MAX, -5, 300));
     }
 
     #[test]

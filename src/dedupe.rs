@@ -142,7 +142,8 @@ impl Window {
         }
     }
 
-    fn try_claim(&self, key: u128) -> Result<Lookup, watch::Receiver<Option<Ulid>>> {
+    /// Looks `key` up without waiting: `Err` carries the in-flight holder's outcome channel.
+    pub fn try_claim(&self, key: u128) -> Result<Lookup, watch::Receiver<Option<Ulid>>> {
         let now = Instant::now();
         let mut shard = self.inner.shard(key).lock();
         match shard.map.get(&key) {

@@ -176,34 +176,57 @@ impl Pipeline {
             .await
             .map_err(|_| self.unavailable("timed out waiting for a concurrent delivery"))?;
 
-        // 3. Limits, for what is new.
+        // 3. Limits, for what is new. A single message over its customer's limit is refused
+        //    (429, the sender retries); in a batch, refusing would fail everyone else's
+        //    complaints in it, so an over-limit message is kept, flagged and counted.
+        let mut over_limit = Vec::with_capacity(n);
         for ((_, identity, _, _), slot) in items.iter().zip(&slots) {
+            let mut over = false;
             if matches!(slot, Slot::New { .. }) {
-                self.limits
-                    .customer(&identity.key)
-                    .map_err(|l| limited(ctx.channel, l))?;
+                if let Err(l) = self.limits.customer(&identity.key) {
+                    if n == 1 {
+                        return Err(limited(ctx.channel, l));
+                    }
+                    metrics::counter!(telemetry::RATE_LIMITED, "channel" => ctx.channel, "scope" => "customer_in_batch")
+                        .increment(1);
+                    over = true;
+                }
             }
+            over_limit.push(over);
         }
 
         // 4. Triage and records.
         let mut ids = Vec::with_capacity(n);
         let mut encoded = Vec::new();
-        for ((intake, identity, text, truncated), slot) in items.into_iter().zip(&slots) {
+        let mut accepted_log = Vec::new();
+        for (((mut intake, identity, text, truncated), slot), over) in
+            items.into_iter().zip(&slots).zip(over_limit)
+        {
             let Slot::New { dedupe_key, .. } = slot else {
                 ids.push(None);
                 continue;
             };
             let id = Ulid::new();
             ids.push(Some(id));
+            if over {
+                intake
+                    .metadata
+                    .insert("over_customer_limit".into(), "true".into());
+            }
+            accepted_log.push((
+                id,
+                intake.provider.clone(),
+                mask_customer_key(&identity.key),
+            ));
             let record = self.build(
                 id,
                 received_at,
-                ctx,
                 intake,
                 identity,
                 text,
                 truncated,
                 *dedupe_key,
+                ctx,
             );
             encoded.push(encode(&record));
         }
@@ -228,12 +251,17 @@ impl Pipeline {
                 metrics::counter!(telemetry::RECORDS_EMITTED, "channel" => ctx.channel, "sink" => l.as_str())
                     .increment(1);
             }
-            tracing::debug!(
-                channel = ctx.channel,
-                records = encoded.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "records durable"
-            );
+            for (id, provider, customer) in &accepted_log {
+                tracing::info!(
+                    record_id = %id,
+                    channel = ctx.channel,
+                    provider = %provider,
+                    customer = %customer,
+                    trace_id = %ctx.trace_id,
+                    sink_ms = started.elapsed().as_millis() as u64,
+                    "complaint accepted"
+                );
+            }
         }
 
         // 6. Commit the claims and answer.
@@ -273,36 +301,57 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// Claims every message's keys without waiting. If another request holds one of them (it is
+    /// writing the same message right now), every claim taken here is released and we wait for
+    /// that request to finish, then start over: two batches holding each other's messages can
+    /// never deadlock.
     async fn dedupe(
         &self,
         ctx: &RequestCtx,
         items: &[(Intake, Identity, String, bool)],
     ) -> Vec<Slot> {
+        loop {
+            match self.try_dedupe(items) {
+                Ok((slots, hits)) => {
+                    for kind in hits {
+                        hit(ctx.channel, kind);
+                    }
+                    return slots;
+                }
+                Err(mut busy) => {
+                    // Resolves when the holder commits or releases (or already has).
+                    let _ = busy.changed().await;
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn try_dedupe(
+        &self,
+        items: &[(Intake, Identity, String, bool)],
+    ) -> Result<(Vec<Slot>, Vec<&'static str>), tokio::sync::watch::Receiver<Option<Ulid>>> {
         let mut slots = Vec::with_capacity(items.len());
+        let mut hits = Vec::new();
         let mut in_batch: HashMap<u128, usize> = HashMap::new();
         for (i, (intake, identity, text, _)) in items.iter().enumerate() {
             let provider_key = intake
                 .provider_message_id
                 .as_deref()
                 .map(|m| provider_key(&intake.provider, intake.account.as_deref(), m));
-            let fingerprint_key = hash_key(&[
-                b"fp",
-                identity.key.as_bytes(),
-                intake.subject.as_deref().unwrap_or("").as_bytes(),
-                text.as_bytes(),
-            ]);
+            let fingerprint_key = fingerprint(intake, identity, text);
             let earlier = provider_key
                 .and_then(|k| in_batch.get(&k))
                 .or_else(|| in_batch.get(&fingerprint_key));
             if let Some(&j) = earlier {
-                hit(ctx.channel, "in_batch");
+                hits.push("in_batch");
                 slots.push(Slot::SameAs(j));
                 continue;
             }
             let provider_claim = match provider_key {
-                Some(k) => match self.provider_ids.claim(k).await {
+                Some(k) => match self.provider_ids.try_claim(k)? {
                     Lookup::Duplicate(id) => {
-                        hit(ctx.channel, "provider_id");
+                        hits.push("provider_id");
                         slots.push(Slot::Duplicate(id));
                         continue;
                     }
@@ -310,9 +359,9 @@ impl Pipeline {
                 },
                 None => None,
             };
-            match self.fingerprints.claim(fingerprint_key).await {
+            match self.fingerprints.try_claim(fingerprint_key)? {
                 Lookup::Duplicate(id) => {
-                    hit(ctx.channel, "fingerprint");
+                    hits.push("fingerprint");
                     // A retry under a new message id: later retries of this id answer alike.
                     if let Some(c) = provider_claim {
                         c.commit(id);
@@ -325,9 +374,19 @@ impl Pipeline {
                     }
                     in_batch.insert(fingerprint_key, i);
                     let mut alias_claims = Vec::new();
-                    for alias in &intake.alias_message_ids {
-                        let k = provider_key_of(intake, alias);
-                        if let Lookup::New(c) = self.provider_ids.claim(k).await {
+                    let mut aliases: Vec<&String> = intake
+                        .alias_message_ids
+                        .iter()
+                        .filter(|a| Some(a.as_str()) != intake.provider_message_id.as_deref())
+                        .collect();
+                    aliases.sort();
+                    aliases.dedup();
+                    for alias in aliases {
+                        // An alias already answered elsewhere stays with that record.
+                        if let Lookup::New(c) = self
+                            .provider_ids
+                            .try_claim(provider_key_of(intake, alias))?
+                        {
                             alias_claims.push(c);
                         }
                     }
@@ -340,7 +399,7 @@ impl Pipeline {
                 }
             }
         }
-        slots
+        Ok((slots, hits))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -348,12 +407,12 @@ impl Pipeline {
         &self,
         id: Ulid,
         received_at: DateTime<Utc>,
-        ctx: &RequestCtx,
         intake: Intake,
         identity: Identity,
         text: String,
         truncated: bool,
         dedupe_key: u128,
+        ctx: &RequestCtx,
     ) -> ComplaintRecord {
         let mut metadata = intake.metadata;
         if let Some(t) = intake.occurred_at {
@@ -362,14 +421,6 @@ impl Pipeline {
         if truncated {
             metadata.insert("text_truncated".into(), "true".into());
         }
-        tracing::info!(
-            record_id = %id,
-            channel = ctx.channel,
-            provider = %intake.provider,
-            customer = %mask_customer_key(&identity.key),
-            trace_id = %ctx.trace_id,
-            "complaint accepted"
-        );
         // Placeholder triage until the rules land: every field exists, values are defaults,
         // except a category the channel already knows (an IVR menu choice).
         let (category, reasons) = match intake.category_hint {
@@ -431,6 +482,29 @@ impl Pipeline {
     fn unavailable(&self, message: &str) -> Rejection {
         Rejection::new(Reason::SinkUnavailable, message).retry_after(self.retry_after)
     }
+}
+
+/// Same customer, same content: subject, text, and whatever else carries the complaint
+/// (attachments, a recording), so two photo-only MMS or two calls are not one complaint.
+fn fingerprint(intake: &Intake, identity: &Identity, text: &str) -> u128 {
+    let mut extra = String::new();
+    for a in &intake.attachments {
+        extra.push_str(a.sha256.as_deref().or(a.url.as_deref()).unwrap_or(""));
+        extra.push('\u{1}');
+    }
+    if let Some(v) = &intake.voice {
+        for part in [&v.call_id, &v.recording_url, &v.speech, &v.transcription] {
+            extra.push_str(part.as_deref().unwrap_or(""));
+            extra.push('\u{1}');
+        }
+    }
+    hash_key(&[
+        b"fp",
+        identity.key.as_bytes(),
+        intake.subject.as_deref().unwrap_or("").as_bytes(),
+        text.as_bytes(),
+        extra.as_bytes(),
+    ])
 }
 
 fn provider_key(provider: &str, account: Option<&str>, message_id: &str) -> u128 {
@@ -678,6 +752,130 @@ mod tests {
             .unwrap();
         assert!(!ok[0].duplicate, "nothing was kept, so the retry is new");
         assert_eq!(sink.inner.records.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn content_only_in_attachments_or_recordings_is_not_one_complaint() {
+        let (p, sink) = pipeline();
+        for (id, url) in [("mms1", "https://m/1.jpg"), ("mms2", "https://m/2.jpg")] {
+            let mut i = intake(id, "13800138000", "");
+            i.attachments.push(crate::record::Attachment {
+                url: Some(url.into()),
+                ..Default::default()
+            });
+            let a = p.submit(&ctx(), vec![i]).await.unwrap();
+            assert!(!a[0].duplicate, "{id}");
+        }
+        assert_eq!(sink.records.lock().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn repeated_alias_ids_do_not_wait_on_themselves() {
+        let (p, sink) = pipeline();
+        let mut i = intake("m1", "13800138000", "joined text");
+        i.alias_message_ids = vec!["m1".into(), "m2".into(), "m2".into()];
+        let a = tokio::time::timeout(Duration::from_secs(5), p.submit(&ctx(), vec![i]))
+            .await
+            .expect("no self-wait")
+            .unwrap();
+        let again = p
+            .submit(&ctx(), vec![intake("m2", "13800138000", "part")])
+            .await
+            .unwrap();
+        assert_eq!(again[0].id, a[0].id);
+        assert_eq!(sink.records.lock().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_holding_each_others_messages_do_not_deadlock() {
+        /// A sink slow enough that both batches hold their first claim at once.
+        struct Slow(MemorySink);
+        impl Sink for Slow {
+            fn write<'a>(
+                &'a self,
+                batch: &'a [Encoded],
+            ) -> futures_util::future::BoxFuture<
+                'a,
+                Result<Vec<crate::sink::Landed>, crate::sink::SinkError>,
+            > {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    self.0.write(batch).await
+                })
+            }
+            fn health(&self) -> Health {
+                self.0.health()
+            }
+            fn shutdown(&self) -> futures_util::future::BoxFuture<'_, ()> {
+                Box::pin(async {})
+            }
+        }
+        let sink = Arc::new(Slow(MemorySink::default()));
+        let p = Pipeline::new(&Config::default(), sink.clone());
+        for round in 0..20 {
+            let a = format!("a{round}");
+            let b = format!("b{round}");
+            let (p1, p2) = (p.clone(), p.clone());
+            let (a1, b1, a2, b2) = (a.clone(), b.clone(), a.clone(), b.clone());
+            let x = tokio::spawn(async move {
+                p1.submit(
+                    &ctx(),
+                    vec![
+                        intake(&a1, "13800138000", &a1),
+                        intake(&b1, "13900139000", &b1),
+                    ],
+                )
+                .await
+            });
+            let y = tokio::spawn(async move {
+                p2.submit(
+                    &ctx(),
+                    vec![
+                        intake(&b2, "13900139000", &b2),
+                        intake(&a2, "13800138000", &a2),
+                    ],
+                )
+                .await
+            });
+            let (x, y) = tokio::time::timeout(Duration::from_secs(5), async { (x.await, y.await) })
+                .await
+                .expect("no deadlock");
+            let (x, y) = (x.unwrap().unwrap(), y.unwrap().unwrap());
+            assert_eq!(x[0].id, y[1].id);
+            assert_eq!(x[1].id, y[0].id);
+        }
+        assert_eq!(sink.0.records.lock().len(), 40);
+    }
+
+    #[tokio::test]
+    async fn over_limit_customers_in_a_batch_are_kept_and_flagged() {
+        let mut cfg = Config::default();
+        cfg.limits.per_customer = crate::config::RateConfig {
+            per_second: 0.001,
+            burst: 1,
+        };
+        let sink = Arc::new(MemorySink::default());
+        let p = Pipeline::new(&cfg, sink.clone());
+        let out = p
+            .submit(
+                &ctx(),
+                vec![
+                    intake("x1", "13800138000", "one"),
+                    intake("x2", "13800138000", "two"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        let payload = sink.records.lock()[1].payload.clone();
+        let second: ComplaintRecord = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(second.metadata["over_customer_limit"], "true");
+        // A single message over the limit is refused.
+        let e = p
+            .submit(&ctx(), vec![intake("x3", "13800138000", "three")])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason.status(), hyper::StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[test]

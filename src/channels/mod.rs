@@ -8,6 +8,7 @@
 
 pub mod alibaba;
 pub mod api;
+pub mod email;
 pub mod segments;
 pub mod smpp;
 pub mod twilio;

@@ -30,6 +30,8 @@ pub struct Part {
 type Waiter = oneshot::Sender<Result<Accepted, Rejection>>;
 
 struct Pending {
+    /// Tells this group from a later one under the same key (for the wait timer).
+    generation: u64,
     total: u8,
     parts: BTreeMap<u8, Intake>,
     waiters: Vec<Waiter>,
@@ -41,6 +43,7 @@ struct Inner {
     wait: Duration,
     max_pending: usize,
     pending: Mutex<HashMap<String, Pending>>,
+    next_generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -56,6 +59,7 @@ impl Assembler {
                 wait,
                 max_pending,
                 pending: Mutex::new(HashMap::new()),
+                next_generation: std::sync::atomic::AtomicU64::new(1),
             }),
         }
     }
@@ -87,7 +91,8 @@ impl Assembler {
             Alone(Box<Intake>),
             Wait {
                 complete: Option<Pending>,
-                first: bool,
+                /// Set when this part opened the group: the group's generation, for the timer.
+                opened: Option<u64>,
             },
         }
         let next = {
@@ -100,8 +105,12 @@ impl Assembler {
                     .insert("segments".into(), format!("{}/{}", part.index, part.total));
                 Next::Alone(Box::new(intake))
             } else {
-                let first = !pending.contains_key(&key);
+                let opened = !pending.contains_key(&key);
+                let generation = inner
+                    .next_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let entry = pending.entry(key.clone()).or_insert_with(|| Pending {
+                    generation,
                     total: part.total,
                     parts: BTreeMap::new(),
                     waiters: Vec::new(),
@@ -109,25 +118,36 @@ impl Assembler {
                 });
                 entry.parts.entry(part.index).or_insert(part.intake);
                 entry.waiters.push(tx);
+                let generation = entry.generation;
                 let complete = if entry.parts.len() >= entry.total as usize {
                     pending.remove(&key)
                 } else {
                     None
                 };
-                Next::Wait { complete, first }
+                Next::Wait {
+                    complete,
+                    opened: opened.then_some(generation),
+                }
             }
         };
-        let (complete, first) = match next {
+        let (complete, opened) = match next {
             Next::Alone(intake) => return one(inner.pipeline.submit(ctx, vec![*intake]).await),
-            Next::Wait { complete, first } => (complete, first),
+            Next::Wait { complete, opened } => (complete, opened),
         };
         if let Some(p) = complete {
             emit(inner.pipeline.clone(), p).await;
-        } else if first {
+        } else if let Some(generation) = opened {
             let inner = self.inner.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(inner.wait).await;
-                let expired = inner.pending.lock().remove(&key);
+                let expired = {
+                    let mut pending = inner.pending.lock();
+                    // Only the group this timer was started for (not a later one, same key).
+                    match pending.get(&key) {
+                        Some(p) if p.generation == generation => pending.remove(&key),
+                        _ => None,
+                    }
+                };
                 if let Some(p) = expired {
                     emit(inner.pipeline.clone(), p).await;
                 }
@@ -146,12 +166,40 @@ fn one(r: Result<Vec<Accepted>, Rejection>) -> Result<Accepted, Rejection> {
     r.map(|v| v[0])
 }
 
+/// The sender, for grouping parts: the phone, else the provider-scoped sender id.
 fn sender(i: &Intake) -> &str {
-    i.identity.phone.as_deref().unwrap_or("")
+    i.identity
+        .phone
+        .as_deref()
+        .or(i.identity.social.as_ref().map(|s| s.id.as_str()))
+        .unwrap_or("")
 }
 
 /// Joins the parts that came (in order), writes the record, answers every waiting part.
-async fn emit(pipeline: Arc<Pipeline>, p: Pending) {
+async fn emit(pipeline: Arc<Pipeline>, mut p: Pending) {
+    // Parts a record already answers (a redelivery that raced the first write) are not written
+    // again; if every part is answered, the waiters get that record.
+    let mut answered = None;
+    p.parts.retain(|_, i| {
+        let seen = i
+            .provider_message_id
+            .as_deref()
+            .and_then(|m| pipeline.seen(&i.provider, i.account.as_deref(), m));
+        if seen.is_some() {
+            answered = seen;
+        }
+        seen.is_none()
+    });
+    if p.parts.is_empty() {
+        let id = answered.expect("a part was answered");
+        for w in p.waiters {
+            let _ = w.send(Ok(Accepted {
+                id,
+                duplicate: true,
+            }));
+        }
+        return;
+    }
     let got = p.parts.len();
     let missing: Vec<String> = (1..=p.total)
         .filter(|n| !p.parts.contains_key(n))

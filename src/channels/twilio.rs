@@ -145,10 +145,9 @@ impl Twilio {
             .get(SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok());
         let json = super::content_type(&parts.headers) == "application/json";
-        let params = if parts.method == Method::GET {
+        // Form values take part in the signature; a JSON body is parsed only once verified.
+        let params = if parts.method == Method::GET || json {
             Vec::new()
-        } else if json {
-            json_params(body)?
         } else {
             form_pairs(body)
         };
@@ -174,6 +173,9 @@ impl Twilio {
         if parts.method == Method::GET {
             let q = parts.uri.query().unwrap_or("");
             return Ok(form_pairs(q.as_bytes()));
+        }
+        if json {
+            return json_params(body);
         }
         Ok(params)
     }
