@@ -14,9 +14,10 @@ root=$(pwd)
 log() { printf '== %s\n' "$*"; }
 
 # 1. System packages: a C toolchain, pkg-config and OpenSSL headers for rdkafka's bundled
-#    librdkafka; a Java 17 runtime and Maven for the broker.
+#    librdkafka; swaks (an SMTP test client the email tests drive); a Java 17 runtime and
+#    Maven for the broker.
 missing=()
-for pkg in build-essential pkg-config libssl-dev; do
+for pkg in build-essential pkg-config libssl-dev swaks; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)

@@ -1,8 +1,10 @@
 //! Wiring: routes of the public and admin listeners, the sink chosen by config, background upkeep,
 //! signals and the graceful shutdown order (stop accepting → drain in-flight → flush → exit).
 
+use crate::ack_mail::AckMailer;
 use crate::channels::alibaba::Alibaba;
 use crate::channels::api::ApiChannel;
+use crate::channels::email_intake::{EmailInbound, EmailIntake, SmtpIntake};
 use crate::channels::segments::Assembler;
 use crate::channels::smpp::Smpp;
 use crate::channels::twilio::Twilio;
@@ -215,7 +217,11 @@ impl Handler for Admin {
 }
 
 /// Every public route and the channel behind it.
-fn routes(cfg: &Config, pipeline: &Arc<Pipeline>) -> Result<Vec<Route>, String> {
+fn routes(
+    cfg: &Config,
+    pipeline: &Arc<Pipeline>,
+    email: &Arc<EmailIntake>,
+) -> Result<Vec<Route>, String> {
     let exact = |path, channel: Arc<dyn Channel>| Route {
         path,
         prefix: false,
@@ -254,6 +260,10 @@ fn routes(cfg: &Config, pipeline: &Arc<Pipeline>) -> Result<Vec<Route>, String> 
                 pipeline.normalizer().clone(),
             )?),
         },
+        exact(
+            crate::channels::email_intake::INBOUND_ROUTE,
+            Arc::new(EmailInbound::new(&cfg.email, email.clone())),
+        ),
         exact(
             "/hooks/smpp",
             Arc::new(Smpp::new(
@@ -317,9 +327,25 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
+    let ack = if cfg.email.ack.enabled {
+        Some(AckMailer::start(cfg.email.ack.clone())?)
+    } else {
+        None
+    };
+    let email = Arc::new(EmailIntake::new(&cfg.email, pipeline.clone(), ack));
+    let smtp = if cfg.email.smtp_enabled {
+        let l = TcpListener::bind(cfg.email.smtp_listen)
+            .await
+            .map_err(|e| format!("email.smtp_listen {}: {e}", cfg.email.smtp_listen))?;
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        Some((l, addr))
+    } else {
+        None
+    };
+
     let public = Public(Arc::new(PublicInner {
         pipeline: pipeline.clone(),
-        routes: routes(&cfg, &pipeline)?,
+        routes: routes(&cfg, &pipeline, &email)?,
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_read_timeout(),
     }));
@@ -342,10 +368,32 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     };
     tracing::info!(http = %public_addr, admin = %admin_addr, "switchboard listening");
     // One machine-readable line on stdout, for scripts and tests that start the gateway.
+    let smtp_addr = smtp.as_ref().map(|(_, a)| a.to_string());
     println!(
         "{}",
-        serde_json::json!({"event": "listening", "http": public_addr.to_string(), "admin": admin_addr.to_string()})
+        serde_json::json!({"event": "listening", "http": public_addr.to_string(), "admin": admin_addr.to_string(), "smtp": smtp_addr})
     );
+    let smtp_task = smtp.map(|(listener, addr)| {
+        tracing::info!(smtp = %addr, "smtp listening");
+        let e = &cfg.email;
+        let limits = crate::smtp::SmtpLimits {
+            hostname: e.hostname.clone(),
+            max_message_bytes: e.max_message_bytes,
+            max_recipients: e.max_recipients,
+            max_line_bytes: e.max_line_bytes,
+            command_timeout: Duration::from_secs(e.command_timeout_secs),
+            data_timeout: Duration::from_secs(e.data_timeout_secs),
+            max_connections: e.max_connections,
+            max_errors: e.max_errors,
+        };
+        tokio::spawn(crate::smtp::serve(
+            listener,
+            limits,
+            Arc::new(SmtpIntake(email.clone())),
+            shutdown.clone(),
+            grace,
+        ))
+    });
 
     let public_task = tokio::spawn(http::serve(
         public_listener,
@@ -364,7 +412,10 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         "admin",
     ));
     let _ = public_task.await;
-    tracing::info!("public listener drained; flushing the sink");
+    if let Some(t) = smtp_task {
+        let _ = t.await;
+    }
+    tracing::info!("listeners drained; flushing the sink");
     pipeline.shutdown_sink().await;
     let _ = admin_task.await;
     evictor.abort();

@@ -30,6 +30,7 @@ pub struct Config {
     pub vonage: VonageConfig,
     pub alibaba: AlibabaConfig,
     pub smpp: SmppConfig,
+    pub email: EmailConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -452,6 +453,101 @@ impl Default for SmppConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// SMTP listener; set `smtp_enabled = false` to run without it.
+    pub smtp_enabled: bool,
+    pub smtp_listen: SocketAddr,
+    /// Name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// Addresses mail is accepted for (case-insensitive).
+    pub intake_addresses: Vec<String>,
+    /// Domains whose every address is accepted.
+    pub intake_domains: Vec<String>,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_line_bytes: usize,
+    pub command_timeout_secs: u64,
+    pub data_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_errors: usize,
+    pub max_mime_depth: usize,
+    pub max_mime_parts: usize,
+    /// Attachment bytes are stored here by sha256; the record holds the reference.
+    pub attachment_dir: PathBuf,
+    /// Prefix of the attachment reference in the record (the sha256 follows).
+    pub attachment_url_prefix: String,
+    /// `POST /hooks/email/inbound?token=...`: "enforce", "log_only" or "off".
+    pub inbound_auth_mode: SignatureMode,
+    /// Token(s) in the inbound webhook's URL (current, previous).
+    pub inbound_tokens: Vec<String>,
+    /// Mailgun webhook signing key(s); when a Mailgun request carries `signature`, it must match.
+    pub mailgun_signing_keys: Vec<String>,
+    pub ack: AckMailConfig,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_enabled: true,
+            smtp_listen: "127.0.0.1:2525".parse().expect("static address"),
+            hostname: "switchboard.localhost".into(),
+            intake_addresses: vec!["complaints@switchboard.localhost".into()],
+            intake_domains: Vec::new(),
+            max_message_bytes: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_line_bytes: 10_000,
+            command_timeout_secs: 300,
+            data_timeout_secs: 180,
+            max_connections: 200,
+            max_errors: 10,
+            max_mime_depth: 20,
+            max_mime_parts: 500,
+            attachment_dir: PathBuf::from("var/attachments"),
+            attachment_url_prefix: "attachment:sha256:".into(),
+            inbound_auth_mode: SignatureMode::Enforce,
+            inbound_tokens: vec!["dev-only-email-inbound-token".into()],
+            mailgun_signing_keys: Vec::new(),
+            ack: AckMailConfig::default(),
+        }
+    }
+}
+
+/// Acknowledgement mail to complainants, sent through a relay after the record is durable.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AckMailConfig {
+    pub enabled: bool,
+    /// SMTP relay host:port (plain SMTP; a local MTA that relays onwards).
+    pub relay: String,
+    pub from: String,
+    /// `{subject}`, `{ref}`, `{first_response_due}` are filled in.
+    pub subject: String,
+    pub body: String,
+    /// Acknowledgements per recipient per hour at most (a complainant writing 50 mails gets a few).
+    pub per_recipient_per_hour: u32,
+    pub max_attempts: u32,
+    pub queue_size: usize,
+    pub retry_base_ms: u64,
+}
+
+impl Default for AckMailConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            relay: "127.0.0.1:25".into(),
+            from: "Complaints <complaints@switchboard.localhost>".into(),
+            subject: "Re: {subject} [{ref}]".into(),
+            body: "您好，您的投诉已受理，编号 {ref}。我们将在 {first_response_due} 前答复您。\n\nHello, we have received your complaint, reference {ref}. We will respond by {first_response_due}.\n".into(),
+            per_recipient_per_hour: 5,
+            max_attempts: 5,
+            queue_size: 10_000,
+            retry_base_ms: 1_000,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -716,6 +812,46 @@ impl Config {
         }
         if self.alibaba.path_token.contains('/') {
             return Err(key_err("alibaba.path_token", "must not contain '/'"));
+        }
+        let e = &self.email;
+        for (k, v) in [
+            ("email.max_message_bytes", e.max_message_bytes),
+            ("email.max_recipients", e.max_recipients),
+            ("email.max_line_bytes", e.max_line_bytes),
+            ("email.max_connections", e.max_connections),
+            ("email.max_errors", e.max_errors),
+            ("email.max_mime_depth", e.max_mime_depth),
+            ("email.max_mime_parts", e.max_mime_parts),
+        ] {
+            if v == 0 {
+                return Err(key_err(k, "must be at least 1"));
+            }
+        }
+        if e.max_line_bytes < 1000 {
+            return Err(key_err(
+                "email.max_line_bytes",
+                "must be at least 1000 (RFC 5321)",
+            ));
+        }
+        if e.intake_addresses.is_empty() && e.intake_domains.is_empty() {
+            return Err(key_err(
+                "email.intake_addresses",
+                "name at least one address or domain",
+            ));
+        }
+        if e.inbound_auth_mode != SignatureMode::Off
+            && e.inbound_tokens.iter().all(|t| t.len() < 16)
+        {
+            return Err(key_err(
+                "email.inbound_tokens",
+                "needs a token of 16+ characters",
+            ));
+        }
+        if e.ack.enabled && (e.ack.relay.is_empty() || !e.ack.from.contains('@')) {
+            return Err(key_err(
+                "email.ack",
+                "relay and from are needed when enabled",
+            ));
         }
         if self.sms.concat_max_pending == 0 {
             return Err(key_err("sms.concat_max_pending", "must be at least 1"));

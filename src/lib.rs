@@ -3,6 +3,7 @@
 //! Data flows one way: listener (`http`) → channel (`channels`) → `pipeline` → `sink`.
 #![forbid(unsafe_code)]
 
+pub mod ack_mail;
 pub mod app;
 pub mod auth;
 pub mod channels;
@@ -15,4 +16,5 @@ pub mod limits;
 pub mod pipeline;
 pub mod record;
 pub mod sink;
+pub mod smtp;
 pub mod telemetry;

@@ -92,6 +92,11 @@ impl Pipeline {
         })
     }
 
+    /// When a complaint received now is due its first response (RFC 3339), for acknowledgements.
+    pub fn first_response_due(&self) -> String {
+        rfc3339_ms(Utc::now() + self.first_response)
+    }
+
     pub fn normalizer(&self) -> &Normalizer {
         &self.normalizer
     }

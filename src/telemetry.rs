@@ -34,6 +34,9 @@ pub const KAFKA_BROKER_RTT_SECONDS: &str = "switchboard_kafka_broker_rtt_avg_sec
 pub const KAFKA_TX_ERRORS: &str = "switchboard_kafka_broker_tx_errors";
 pub const KAFKA_DELIVERY_ERRORS: &str = "switchboard_kafka_delivery_errors_total";
 pub const BUILD_INFO: &str = "switchboard_build_info";
+pub const SMTP_SESSIONS: &str = "switchboard_smtp_sessions";
+pub const SMTP_REPLIES: &str = "switchboard_smtp_replies_total";
+pub const ACK_MAIL: &str = "switchboard_ack_mail_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -145,6 +148,12 @@ fn describe() {
         "Kafka deliveries that failed (the record then went to the spool)."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_gauge!(SMTP_SESSIONS, "Open SMTP sessions.");
+    describe_counter!(SMTP_REPLIES, "SMTP replies sent, by reply code.");
+    describe_counter!(
+        ACK_MAIL,
+        "Acknowledgement mails by outcome: queued, sent, retried, gave_up, rate_limited, dropped_queue_full, invalid."
+    );
 }
 
 /// Sets up `tracing`: JSON or pretty, level from config unless `RUST_LOG` says otherwise.

@@ -161,14 +161,7 @@ impl Channel for Alibaba {
     fn reject(&self, r: &Rejection) -> Resp {
         let status = provider_status(r);
         let body = serde_json::json!({"code": status.as_u16(), "msg": r.reason.code()}).to_string();
-        let mut resp = json_response(status, body);
-        if let Some(s) = r.retry_after_secs() {
-            resp.headers_mut().insert(
-                hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from(s),
-            );
-        }
-        resp
+        super::with_retry_after(json_response(status, body), r)
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod alibaba;
 pub mod api;
 pub mod email;
+pub mod email_intake;
 pub mod segments;
 pub mod smpp;
 pub mod twilio;
@@ -65,6 +66,26 @@ pub fn provider_status(r: &Rejection) -> hyper::StatusCode {
         | Reason::Forbidden => hyper::StatusCode::FORBIDDEN,
         ref other => other.status(),
     }
+}
+
+/// A provider-facing error: the JSON error body, 403 for authentication failures, and
+/// `Retry-After` where the rejection carries one.
+pub fn provider_json_reject(r: &Rejection) -> Resp {
+    with_retry_after(
+        crate::http::json_response(provider_status(r), r.body_json()),
+        r,
+    )
+}
+
+/// Adds `Retry-After` when the rejection says how long to wait.
+pub fn with_retry_after(mut resp: Resp, r: &Rejection) -> Resp {
+    if let Some(s) = r.retry_after_secs() {
+        resp.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(s),
+        );
+    }
+    resp
 }
 
 /// Record reference read to callers and sent in auto-replies: the last 8 characters of the

@@ -173,18 +173,14 @@ impl Channel for Smpp {
     }
 
     fn reject(&self, r: &Rejection) -> Resp {
-        let mut resp = text_response(
-            super::provider_status(r),
-            "text/plain",
-            r.reason.code().to_string(),
-        );
-        if let Some(s) = r.retry_after_secs() {
-            resp.headers_mut().insert(
-                hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from(s),
-            );
-        }
-        resp
+        super::with_retry_after(
+            text_response(
+                super::provider_status(r),
+                "text/plain",
+                r.reason.code().to_string(),
+            ),
+            r,
+        )
     }
 }
 

@@ -487,14 +487,7 @@ impl Channel for Twilio {
 
     /// Twilio logs the body of an error; an empty TwiML keeps its debugger quiet.
     fn reject(&self, r: &Rejection) -> Resp {
-        let mut resp = text_response(provider_status(r), "text/xml", EMPTY);
-        if let Some(s) = r.retry_after_secs() {
-            resp.headers_mut().insert(
-                hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from(s),
-            );
-        }
-        resp
+        super::with_retry_after(text_response(provider_status(r), "text/xml", EMPTY), r)
     }
 }
 

@@ -7,7 +7,7 @@
 //! it gets 200/204; dedupe on `messageId`. Long messages (`concat-ref/total/part`) are joined.
 
 use super::segments::{Assembler, Part};
-use super::{form_get, form_pairs, provider_status, sms_identity, Channel, Inbound};
+use super::{form_get, form_pairs, sms_identity, Channel, Inbound};
 use crate::config::{SignatureMode, VonageConfig};
 use crate::error::{Reason, Rejection};
 use crate::http::{text_response, Resp};
@@ -209,14 +209,7 @@ impl Channel for Vonage {
     }
 
     fn reject(&self, r: &Rejection) -> Resp {
-        let mut resp = crate::http::json_response(provider_status(r), r.body_json());
-        if let Some(s) = r.retry_after_secs() {
-            resp.headers_mut().insert(
-                hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from(s),
-            );
-        }
-        resp
+        super::provider_json_reject(r)
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub child: Child,
     pub http: String,
     pub admin: String,
+    /// host:port of the SMTP listener.
+    pub smtp: String,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
 }
@@ -49,6 +51,11 @@ impl Gateway {
             .current_dir(dir.path())
             .env("SWITCHBOARD_HTTP__LISTEN", "127.0.0.1:0")
             .env("SWITCHBOARD_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_EMAIL__SMTP_LISTEN", "127.0.0.1:0")
+            .env(
+                "SWITCHBOARD_EMAIL__ATTACHMENT_DIR",
+                dir.path().join("attachments"),
+            )
             .env("SWITCHBOARD_SPOOL__DIR", dir.path().join("spool"))
             .env("SWITCHBOARD_LOG__FORMAT", "json")
             .env("SWITCHBOARD_LOG__LEVEL", "debug")
@@ -78,6 +85,7 @@ impl Gateway {
             child,
             http: format!("http://{}", v["http"].as_str().unwrap()),
             admin: format!("http://{}", v["admin"].as_str().unwrap()),
+            smtp: v["smtp"].as_str().unwrap_or_default().to_string(),
             dir,
             client: reqwest::Client::builder().build().unwrap(),
         }

@@ -1,0 +1,507 @@
+//! SMTP listener (RFC 5321) on tokio, with smtp-proto for command parsing and DATA
+//! dot-unstuffing. It owns sockets, protocol state and limits, and knows nothing of complaints:
+//! recipients are checked and messages delivered through a `MailHandler`.
+//!
+//! EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, VRFY (252); PIPELINING, SIZE, 8BITMIME,
+//! ENHANCEDSTATUSCODES advertised. Limits: message size (SIZE= and actual), recipients, DATA
+//! line length, command and data timeouts, connections, errors before disconnect. A bare LF (or
+//! bare CR) in DATA rejects the message (SMTP smuggling). STARTTLS is not offered: put a TLS
+//! front (or the MTA) before this listener until TLS lands with the operations issue.
+
+use futures_util::future::BoxFuture;
+use smtp_proto::request::receiver::{DataReceiver, RequestReceiver};
+use smtp_proto::Request;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::telemetry::{SMTP_REPLIES, SMTP_SESSIONS};
+
+/// An SMTP reply: code, enhanced status code, text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub status: &'static str,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            status,
+            text: text.into(),
+        }
+    }
+
+    fn line(&self) -> String {
+        metrics::counter!(SMTP_REPLIES, "code" => self.code.to_string()).increment(1);
+        format!("{} {} {}\r\n", self.code, self.status, self.text)
+    }
+}
+
+/// One accepted message.
+pub struct Delivery {
+    pub peer: IpAddr,
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+pub trait MailHandler: Send + Sync + 'static {
+    /// Whether mail for this recipient is accepted here (no open relay).
+    fn accept_recipient(&self, rcpt: &str) -> bool;
+    /// Makes the message durable (or not) and says what to answer after DATA.
+    fn deliver(&self, d: Delivery) -> BoxFuture<'static, Reply>;
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpLimits {
+    pub hostname: String,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub max_line_bytes: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub max_connections: usize,
+    pub max_errors: usize,
+}
+
+/// Serves until `shutdown`, then lets sessions finish their current message (bounded by `grace`).
+pub async fn serve(
+    listener: TcpListener,
+    limits: SmtpLimits,
+    handler: Arc<dyn MailHandler>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    let limits = Arc::new(limits);
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "smtp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let _ = stream
+                .write_all(b"421 4.3.2 Too many connections, try again later\r\n")
+                .await;
+            continue;
+        };
+        let (handler, limits, shutdown) = (handler.clone(), limits.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            metrics::gauge!(SMTP_SESSIONS).increment(1.0);
+            if let Err(e) = Session::new(stream, peer, &limits, handler)
+                .run(shutdown)
+                .await
+            {
+                tracing::debug!(error = %e, "smtp session ended");
+            }
+            metrics::gauge!(SMTP_SESSIONS).decrement(1.0);
+            drop(permit);
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("smtp sessions still open after the grace period");
+    }
+}
+
+struct Session<'a> {
+    stream: TcpStream,
+    peer: SocketAddr,
+    limits: &'a SmtpLimits,
+    handler: Arc<dyn MailHandler>,
+    helo: bool,
+    mail_from: Option<String>,
+    rcpt_to: Vec<String>,
+    errors: usize,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Why a DATA section was refused, if it was.
+fn check_data(data: &[u8], max_line: usize) -> Option<Reply> {
+    let mut line_start = 0;
+    for (i, &b) in data.iter().enumerate() {
+        match b {
+            b'\n' => {
+                if i == 0 || data[i - 1] != b'\r' {
+                    return Some(Reply::new(
+                        550,
+                        "5.5.2",
+                        "Bare LF received; lines must end with CRLF",
+                    ));
+                }
+                if i - line_start > max_line {
+                    return Some(Reply::new(
+                        552,
+                        "5.3.4",
+                        format!("Line longer than {max_line} bytes"),
+                    ));
+                }
+                line_start = i + 1;
+            }
+            b'\r' if data.get(i + 1) != Some(&b'\n') => {
+                return Some(Reply::new(
+                    550,
+                    "5.5.2",
+                    "Bare CR received; lines must end with CRLF",
+                ));
+            }
+            _ => {}
+        }
+    }
+    if data.len() - line_start > max_line {
+        return Some(Reply::new(
+            552,
+            "5.3.4",
+            format!("Line longer than {max_line} bytes"),
+        ));
+    }
+    None
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        limits: &'a SmtpLimits,
+        handler: Arc<dyn MailHandler>,
+    ) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self {
+            stream,
+            peer,
+            limits,
+            handler,
+            helo: false,
+            mail_from: None,
+            rcpt_to: Vec::new(),
+            errors: 0,
+        }
+    }
+
+    async fn send(&mut self, r: Reply) -> std::io::Result<()> {
+        self.stream.write_all(r.line().as_bytes()).await
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let greeting = format!("220 {} ESMTP Switchboard\r\n", self.limits.hostname);
+        self.stream.write_all(greeting.as_bytes()).await?;
+        let mut receiver = RequestReceiver::default();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.send(Reply::new(421, "4.3.2", "Service shutting down")).await?;
+                    return Ok(());
+                }
+                r = tokio::time::timeout(self.limits.command_timeout, self.stream.read(&mut buf)) => match r {
+                    Err(_) => {
+                        self.send(Reply::new(421, "4.4.2", "Timeout waiting for a command")).await?;
+                        return Ok(());
+                    }
+                    Ok(r) => r?,
+                },
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            // Copied out so the iterator does not borrow `buf` across the DATA reads below.
+            let chunk = buf[..n].to_vec();
+            let mut iter = chunk.iter();
+            let mut out = String::new();
+            loop {
+                let parsed = receiver.ingest(&mut iter).map(|r| r.into_owned());
+                match parsed {
+                    Ok(req) => {
+                        let is_data = matches!(req, Request::Data);
+                        match self.command(req, &mut out) {
+                            Flow::Close => {
+                                self.stream.write_all(out.as_bytes()).await?;
+                                return Ok(());
+                            }
+                            Flow::Continue => {}
+                        }
+                        if is_data && self.ready_for_data() {
+                            out.push_str(
+                                &Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>").line(),
+                            );
+                            self.stream.write_all(out.as_bytes()).await?;
+                            out.clear();
+                            let rest: Vec<u8> = iter.as_slice().to_vec();
+                            let (reply, leftover) = self.data(rest).await?;
+                            self.mail_from = None;
+                            self.rcpt_to.clear();
+                            let closing = reply.code == 421;
+                            out.push_str(&reply.line());
+                            if closing {
+                                self.stream.write_all(out.as_bytes()).await?;
+                                return Ok(());
+                            }
+                            // Commands pipelined after the message are parsed next.
+                            let leftover_bytes = leftover;
+                            let mut it = leftover_bytes.iter();
+                            // Re-enter the parse loop with what followed the message.
+                            loop {
+                                match receiver.ingest(&mut it).map(|r| r.into_owned()) {
+                                    Ok(req) => {
+                                        if let Flow::Close = self.command(req, &mut out) {
+                                            self.stream.write_all(out.as_bytes()).await?;
+                                            return Ok(());
+                                        }
+                                    }
+                                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                                    Err(e) => {
+                                        if let Flow::Close = self.protocol_error(e, &mut out) {
+                                            self.stream.write_all(out.as_bytes()).await?;
+                                            return Ok(());
+                                        }
+                                    }
+                                }
+                            }
+                            break;
+                        }
+                    }
+                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                    Err(e) => {
+                        if let Flow::Close = self.protocol_error(e, &mut out) {
+                            self.stream.write_all(out.as_bytes()).await?;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            if !out.is_empty() {
+                self.stream.write_all(out.as_bytes()).await?;
+            }
+        }
+    }
+
+    fn ready_for_data(&self) -> bool {
+        self.mail_from.is_some() && !self.rcpt_to.is_empty()
+    }
+
+    fn protocol_error(&mut self, e: smtp_proto::Error, out: &mut String) -> Flow {
+        let r = match e {
+            smtp_proto::Error::UnknownCommand => Reply::new(500, "5.5.1", "Unknown command"),
+            smtp_proto::Error::ResponseTooLong => Reply::new(500, "5.5.2", "Line too long"),
+            smtp_proto::Error::InvalidSenderAddress => {
+                Reply::new(501, "5.1.7", "Invalid sender address")
+            }
+            smtp_proto::Error::InvalidRecipientAddress => {
+                Reply::new(501, "5.1.3", "Invalid recipient address")
+            }
+            smtp_proto::Error::UnsupportedParameter { .. } => {
+                Reply::new(555, "5.5.4", "Unsupported parameter")
+            }
+            _ => Reply::new(501, "5.5.4", "Syntax error"),
+        };
+        self.error(r, out)
+    }
+
+    /// Counts an error reply; too many and the session ends.
+    fn error(&mut self, r: Reply, out: &mut String) -> Flow {
+        self.errors += 1;
+        out.push_str(&r.line());
+        if self.errors >= self.limits.max_errors {
+            out.push_str(&Reply::new(421, "4.7.0", "Too many errors, closing connection").line());
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    fn command(&mut self, req: Request<String>, out: &mut String) -> Flow {
+        match req {
+            Request::Ehlo { host: _ } | Request::Lhlo { host: _ } => {
+                self.helo = true;
+                self.mail_from = None;
+                self.rcpt_to.clear();
+                out.push_str(&format!(
+                    "250-{} Switchboard\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n",
+                    self.limits.hostname, self.limits.max_message_bytes
+                ));
+                metrics::counter!(SMTP_REPLIES, "code" => "250").increment(1);
+            }
+            Request::Helo { host: _ } => {
+                self.helo = true;
+                self.mail_from = None;
+                self.rcpt_to.clear();
+                out.push_str(&Reply::new(250, "2.0.0", self.limits.hostname.clone()).line());
+            }
+            Request::Mail { from } => {
+                if !self.helo {
+                    return self.error(Reply::new(503, "5.5.1", "Send EHLO or HELO first"), out);
+                }
+                if self.mail_from.is_some() {
+                    return self.error(Reply::new(503, "5.5.1", "Sender already given"), out);
+                }
+                if from.size > self.limits.max_message_bytes {
+                    return self.error(
+                        Reply::new(
+                            552,
+                            "5.3.4",
+                            format!(
+                                "Message size exceeds {} bytes",
+                                self.limits.max_message_bytes
+                            ),
+                        ),
+                        out,
+                    );
+                }
+                self.mail_from = Some(from.address);
+                out.push_str(&Reply::new(250, "2.1.0", "Sender OK").line());
+            }
+            Request::Rcpt { to } => {
+                if self.mail_from.is_none() {
+                    return self.error(Reply::new(503, "5.5.1", "Send MAIL FROM first"), out);
+                }
+                if self.rcpt_to.len() >= self.limits.max_recipients {
+                    out.push_str(&Reply::new(452, "4.5.3", "Too many recipients").line());
+                    return Flow::Continue;
+                }
+                if !self.handler.accept_recipient(&to.address) {
+                    return self.error(
+                        Reply::new(550, "5.1.1", "Recipient not accepted here (no relay)"),
+                        out,
+                    );
+                }
+                self.rcpt_to.push(to.address);
+                out.push_str(&Reply::new(250, "2.1.5", "Recipient OK").line());
+            }
+            Request::Data => {
+                if !self.ready_for_data() {
+                    return self.error(
+                        Reply::new(503, "5.5.1", "Send MAIL FROM and RCPT TO first"),
+                        out,
+                    );
+                }
+            }
+            Request::Rset => {
+                self.mail_from = None;
+                self.rcpt_to.clear();
+                out.push_str(&Reply::new(250, "2.0.0", "Reset").line());
+            }
+            Request::Noop { .. } => out.push_str(&Reply::new(250, "2.0.0", "OK").line()),
+            Request::Vrfy { .. } => {
+                out.push_str(&Reply::new(252, "2.5.0", "Cannot verify, but will accept").line())
+            }
+            Request::Quit => {
+                out.push_str(&Reply::new(221, "2.0.0", "Bye").line());
+                return Flow::Close;
+            }
+            Request::StartTls => {
+                return self.error(Reply::new(454, "4.7.0", "TLS not available"), out);
+            }
+            other => {
+                return self.error(
+                    Reply::new(502, "5.5.1", format!("{} not implemented", other.name())),
+                    out,
+                );
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Reads the message after 354, bounded in size and time; returns the reply and any bytes
+    /// that followed the end marker (pipelined commands).
+    async fn data(&mut self, mut pending: Vec<u8>) -> std::io::Result<(Reply, Vec<u8>)> {
+        let mut receiver = DataReceiver::new();
+        let mut message = Vec::new();
+        let mut too_big = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let mut iter = pending.iter();
+            let mut sink = Vec::new();
+            let done = receiver.ingest(&mut iter, &mut sink);
+            let rest: Vec<u8> = iter.as_slice().to_vec();
+            if !too_big {
+                if message.len() + sink.len() > self.limits.max_message_bytes {
+                    too_big = true;
+                    message = Vec::new();
+                } else {
+                    message.extend_from_slice(&sink);
+                }
+            }
+            if done {
+                let reply = if too_big {
+                    Reply::new(
+                        552,
+                        "5.3.4",
+                        format!("Message exceeds {} bytes", self.limits.max_message_bytes),
+                    )
+                } else if let Some(r) = check_data(&message, self.limits.max_line_bytes) {
+                    r
+                } else {
+                    let from = self.mail_from.clone().unwrap_or_default();
+                    self.handler
+                        .deliver(Delivery {
+                            peer: self.peer.ip(),
+                            mail_from: from,
+                            rcpt_to: self.rcpt_to.clone(),
+                            data: message,
+                        })
+                        .await
+                };
+                return Ok((reply, rest));
+            }
+            let n = match tokio::time::timeout(self.limits.data_timeout, self.stream.read(&mut buf))
+                .await
+            {
+                Err(_) => {
+                    return Ok((
+                        Reply::new(421, "4.4.2", "Timeout waiting for data"),
+                        Vec::new(),
+                    ));
+                }
+                Ok(r) => r?,
+            };
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "client went away during DATA",
+                ));
+            }
+            pending = buf[..n].to_vec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_lf_and_cr_are_refused() {
+        assert!(check_data(b"Subject: x\r\n\r\nok\r\n", 1000).is_none());
+        assert_eq!(
+            check_data(b"Subject: x\n\r\nok\r\n", 1000).unwrap().code,
+            550
+        );
+        assert_eq!(
+            check_data(b"Subject: x\r\n\r\nsmuggled\n.\r\nMAIL FROM:<x>\r\n", 1000)
+                .unwrap()
+                .code,
+            550
+        );
+        assert_eq!(check_data(b"a\rb\r\n", 1000).unwrap().code, 550);
+        assert_eq!(check_data(b"0123456789\r\n", 5).unwrap().code, 552);
+    }
+}
