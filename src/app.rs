@@ -333,6 +333,14 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         None
     };
     let email = Arc::new(EmailIntake::new(&cfg.email, pipeline.clone(), ack));
+    let smtp_tls = if cfg.email.tls_cert_path.is_empty() {
+        None
+    } else {
+        Some(tls_acceptor(
+            &cfg.email.tls_cert_path,
+            &cfg.email.tls_key_path,
+        )?)
+    };
     let smtp = if cfg.email.smtp_enabled {
         let l = TcpListener::bind(cfg.email.smtp_listen)
             .await
@@ -377,6 +385,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         tracing::info!(smtp = %addr, "smtp listening");
         let e = &cfg.email;
         let limits = crate::smtp::SmtpLimits {
+            tls: smtp_tls.clone(),
             hostname: e.hostname.clone(),
             max_message_bytes: e.max_message_bytes,
             max_recipients: e.max_recipients,
@@ -422,6 +431,25 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     sweeper.abort();
     tracing::info!("switchboard stopped");
     Ok(())
+}
+
+/// A rustls acceptor (ring provider, TLS 1.2 and 1.3) from PEM files.
+pub fn tls_acceptor(cert_path: &str, key_path: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("email.tls_cert_path {cert_path}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("email.tls_key_path {key_path}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| format!("tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("email.tls_cert_path: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn spawn_signal_handler(token: CancellationToken) {

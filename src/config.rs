@@ -472,6 +472,9 @@ pub struct EmailConfig {
     pub data_timeout_secs: u64,
     pub max_connections: usize,
     pub max_errors: usize,
+    /// PEM certificate chain and private key; both set: STARTTLS is offered (TLS 1.2+).
+    pub tls_cert_path: String,
+    pub tls_key_path: String,
     pub max_mime_depth: usize,
     pub max_mime_parts: usize,
     /// Attachment bytes are stored here by sha256; the record holds the reference.
@@ -502,6 +505,8 @@ impl Default for EmailConfig {
             data_timeout_secs: 180,
             max_connections: 200,
             max_errors: 10,
+            tls_cert_path: String::new(),
+            tls_key_path: String::new(),
             max_mime_depth: 20,
             max_mime_parts: 500,
             attachment_dir: PathBuf::from("var/attachments"),
@@ -826,6 +831,12 @@ impl Config {
             if v == 0 {
                 return Err(key_err(k, "must be at least 1"));
             }
+        }
+        if e.tls_cert_path.is_empty() != e.tls_key_path.is_empty() {
+            return Err(key_err(
+                "email.tls_key_path",
+                "set both tls_cert_path and tls_key_path, or neither",
+            ));
         }
         if e.max_line_bytes < 1000 {
             return Err(key_err(

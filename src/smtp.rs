@@ -5,8 +5,9 @@
 //! EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, VRFY (252); PIPELINING, SIZE, 8BITMIME,
 //! ENHANCEDSTATUSCODES advertised. Limits: message size (SIZE= and actual), recipients, DATA
 //! line length, command and data timeouts, connections, errors before disconnect. A bare LF (or
-//! bare CR) in DATA rejects the message (SMTP smuggling). STARTTLS is not offered: put a TLS
-//! front (or the MTA) before this listener until TLS lands with the operations issue.
+//! bare CR) in DATA rejects the message (SMTP smuggling). STARTTLS (rustls, TLS 1.2+) is offered
+//! when a certificate is configured; bytes pipelined after STARTTLS are discarded (no command
+//! injection across the TLS boundary) and the session starts afresh inside TLS.
 
 use futures_util::future::BoxFuture;
 use smtp_proto::request::receiver::{DataReceiver, RequestReceiver};
@@ -14,8 +15,8 @@ use smtp_proto::Request;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,8 +61,10 @@ pub trait MailHandler: Send + Sync + 'static {
     fn deliver(&self, d: Delivery) -> BoxFuture<'static, Reply>;
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SmtpLimits {
+    /// STARTTLS is offered when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub hostname: String,
     pub max_message_bytes: usize,
     pub max_recipients: usize,
@@ -95,6 +98,7 @@ pub async fn serve(
                 }
             },
         };
+        let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             let _ = stream
                 .write_all(b"421 4.3.2 Too many connections, try again later\r\n")
@@ -104,11 +108,23 @@ pub async fn serve(
         let (handler, limits, shutdown) = (handler.clone(), limits.clone(), shutdown.clone());
         tracker.spawn(async move {
             metrics::gauge!(SMTP_SESSIONS).increment(1.0);
-            if let Err(e) = Session::new(stream, peer, &limits, handler)
-                .run(shutdown)
-                .await
-            {
-                tracing::debug!(error = %e, "smtp session ended");
+            let session = Session::new(stream, peer, &limits, handler.clone(), false);
+            match session.run(shutdown.clone(), true).await {
+                Ok(End::StartTls(tcp)) => {
+                    let acceptor = limits.tls.clone().expect("STARTTLS only offered with TLS");
+                    match tokio::time::timeout(limits.command_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let session = Session::new(tls, peer, &limits, handler, true);
+                            if let Err(e) = session.run(shutdown, false).await {
+                                tracing::debug!(error = %e, "smtp session ended");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "smtp TLS handshake failed"),
+                        Err(_) => tracing::debug!("smtp TLS handshake timed out"),
+                    }
+                }
+                Ok(End::Closed) => {}
+                Err(e) => tracing::debug!(error = %e, "smtp session ended"),
             }
             metrics::gauge!(SMTP_SESSIONS).decrement(1.0);
             drop(permit);
@@ -120,8 +136,9 @@ pub async fn serve(
     }
 }
 
-struct Session<'a> {
-    stream: TcpStream,
+struct Session<'a, S> {
+    stream: S,
+    tls_active: bool,
     peer: SocketAddr,
     limits: &'a SmtpLimits,
     handler: Arc<dyn MailHandler>,
@@ -134,6 +151,13 @@ struct Session<'a> {
 enum Flow {
     Continue,
     Close,
+    StartTls,
+}
+
+/// How a session ended: closed, or handing its socket over for the TLS handshake.
+enum End<S> {
+    Closed,
+    StartTls(S),
 }
 
 /// Why a DATA section was refused, if it was.
@@ -178,16 +202,17 @@ fn check_data(data: &[u8], max_line: usize) -> Option<Reply> {
     None
 }
 
-impl<'a> Session<'a> {
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     fn new(
-        stream: TcpStream,
+        stream: S,
         peer: SocketAddr,
         limits: &'a SmtpLimits,
         handler: Arc<dyn MailHandler>,
+        tls_active: bool,
     ) -> Self {
-        let _ = stream.set_nodelay(true);
         Self {
             stream,
+            tls_active,
             peer,
             limits,
             handler,
@@ -202,96 +227,86 @@ impl<'a> Session<'a> {
         self.stream.write_all(r.line().as_bytes()).await
     }
 
-    async fn run(mut self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let greeting = format!("220 {} ESMTP Switchboard\r\n", self.limits.hostname);
-        self.stream.write_all(greeting.as_bytes()).await?;
+    async fn run(mut self, shutdown: CancellationToken, greet: bool) -> std::io::Result<End<S>> {
+        if greet {
+            let greeting = format!("220 {} ESMTP Switchboard\r\n", self.limits.hostname);
+            self.stream.write_all(greeting.as_bytes()).await?;
+        }
         let mut receiver = RequestReceiver::default();
         let mut buf = vec![0u8; 8192];
+        // Bytes received but not yet parsed (several pipelined commands, or what followed DATA).
+        let mut pending: Vec<u8> = Vec::new();
         loop {
-            let n = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.send(Reply::new(421, "4.3.2", "Service shutting down")).await?;
-                    return Ok(());
-                }
-                r = tokio::time::timeout(self.limits.command_timeout, self.stream.read(&mut buf)) => match r {
-                    Err(_) => {
-                        self.send(Reply::new(421, "4.4.2", "Timeout waiting for a command")).await?;
-                        return Ok(());
-                    }
-                    Ok(r) => r?,
-                },
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            // Copied out so the iterator does not borrow `buf` across the DATA reads below.
-            let chunk = buf[..n].to_vec();
-            let mut iter = chunk.iter();
             let mut out = String::new();
+            let mut iter = pending.iter();
+            let mut after_data: Option<Vec<u8>> = None;
             loop {
-                let parsed = receiver.ingest(&mut iter).map(|r| r.into_owned());
-                match parsed {
+                let flow = match receiver.ingest(&mut iter).map(|r| r.into_owned()) {
                     Ok(req) => {
                         let is_data = matches!(req, Request::Data);
-                        match self.command(req, &mut out) {
-                            Flow::Close => {
-                                self.stream.write_all(out.as_bytes()).await?;
-                                return Ok(());
-                            }
-                            Flow::Continue => {}
-                        }
-                        if is_data && self.ready_for_data() {
+                        let flow = self.command(req, &mut out);
+                        if matches!(flow, Flow::Continue) && is_data && self.ready_for_data() {
                             out.push_str(
                                 &Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>").line(),
                             );
                             self.stream.write_all(out.as_bytes()).await?;
                             out.clear();
-                            let rest: Vec<u8> = iter.as_slice().to_vec();
-                            let (reply, leftover) = self.data(rest).await?;
+                            let (reply, leftover) = self.data(iter.as_slice().to_vec()).await?;
                             self.mail_from = None;
                             self.rcpt_to.clear();
-                            let closing = reply.code == 421;
                             out.push_str(&reply.line());
-                            if closing {
-                                self.stream.write_all(out.as_bytes()).await?;
-                                return Ok(());
+                            if reply.code == 421 {
+                                Flow::Close
+                            } else {
+                                // Parse what followed the message (pipelined commands) next.
+                                after_data = Some(leftover);
+                                break;
                             }
-                            // Commands pipelined after the message are parsed next.
-                            let leftover_bytes = leftover;
-                            let mut it = leftover_bytes.iter();
-                            // Re-enter the parse loop with what followed the message.
-                            loop {
-                                match receiver.ingest(&mut it).map(|r| r.into_owned()) {
-                                    Ok(req) => {
-                                        if let Flow::Close = self.command(req, &mut out) {
-                                            self.stream.write_all(out.as_bytes()).await?;
-                                            return Ok(());
-                                        }
-                                    }
-                                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
-                                    Err(e) => {
-                                        if let Flow::Close = self.protocol_error(e, &mut out) {
-                                            self.stream.write_all(out.as_bytes()).await?;
-                                            return Ok(());
-                                        }
-                                    }
-                                }
-                            }
-                            break;
+                        } else {
+                            flow
                         }
                     }
                     Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
-                    Err(e) => {
-                        if let Flow::Close = self.protocol_error(e, &mut out) {
-                            self.stream.write_all(out.as_bytes()).await?;
-                            return Ok(());
-                        }
+                    Err(e) => self.protocol_error(e, &mut out),
+                };
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Close => {
+                        self.stream.write_all(out.as_bytes()).await?;
+                        return Ok(End::Closed);
+                    }
+                    Flow::StartTls => {
+                        // Anything pipelined after STARTTLS is dropped, never run inside TLS.
+                        self.stream.write_all(out.as_bytes()).await?;
+                        self.stream.flush().await?;
+                        return Ok(End::StartTls(self.stream));
                     }
                 }
             }
             if !out.is_empty() {
                 self.stream.write_all(out.as_bytes()).await?;
             }
+            if let Some(rest) = after_data {
+                pending = rest;
+                continue;
+            }
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.send(Reply::new(421, "4.3.2", "Service shutting down")).await?;
+                    return Ok(End::Closed);
+                }
+                r = tokio::time::timeout(self.limits.command_timeout, self.stream.read(&mut buf)) => match r {
+                    Err(_) => {
+                        self.send(Reply::new(421, "4.4.2", "Timeout waiting for a command")).await?;
+                        return Ok(End::Closed);
+                    }
+                    Ok(r) => r?,
+                },
+            };
+            if n == 0 {
+                return Ok(End::Closed);
+            }
+            pending = buf[..n].to_vec();
         }
     }
 
@@ -334,8 +349,13 @@ impl<'a> Session<'a> {
                 self.helo = true;
                 self.mail_from = None;
                 self.rcpt_to.clear();
+                let starttls = if self.limits.tls.is_some() && !self.tls_active {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                };
                 out.push_str(&format!(
-                    "250-{} Switchboard\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n",
+                    "250-{} Switchboard\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n{starttls}250 ENHANCEDSTATUSCODES\r\n",
                     self.limits.hostname, self.limits.max_message_bytes
                 ));
                 metrics::counter!(SMTP_REPLIES, "code" => "250").increment(1);
@@ -408,7 +428,14 @@ impl<'a> Session<'a> {
                 return Flow::Close;
             }
             Request::StartTls => {
-                return self.error(Reply::new(454, "4.7.0", "TLS not available"), out);
+                if self.tls_active {
+                    return self.error(Reply::new(503, "5.5.1", "TLS already active"), out);
+                }
+                if self.limits.tls.is_none() {
+                    return self.error(Reply::new(454, "4.7.0", "TLS not available"), out);
+                }
+                out.push_str(&Reply::new(220, "2.0.0", "Ready to start TLS").line());
+                return Flow::StartTls;
             }
             other => {
                 return self.error(

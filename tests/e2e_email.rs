@@ -34,6 +34,7 @@ async fn capture_server() -> (String, mpsc::UnboundedReceiver<String>) {
     let addr = l.local_addr().unwrap().to_string();
     let (tx, rx) = mpsc::unbounded_channel();
     let limits = SmtpLimits {
+        tls: None,
         hostname: "capture.test".into(),
         max_message_bytes: 1 << 20,
         max_recipients: 10,
@@ -394,4 +395,123 @@ async fn inbound_parse_webhooks_sendgrid_raw_and_mailgun_mime() {
         recs[1]["conversation"]["in_reply_to"],
         "ticket-12345@support.example.com"
     );
+}
+
+/// Reads one SMTP reply from any stream (plain or TLS).
+async fn reply_of<S: tokio::io::AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
+    let mut out = String::new();
+    loop {
+        let mut l = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut l))
+            .await
+            .expect("reply within 30 s")
+            .unwrap();
+        out.push_str(&l);
+        if n == 0 || (l.len() >= 4 && l.as_bytes()[3] == b' ') {
+            return out;
+        }
+    }
+}
+
+async fn say<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    line: &[u8],
+) -> String {
+    s.get_mut().write_all(line).await.unwrap();
+    reply_of(s).await
+}
+
+#[tokio::test]
+async fn starttls_upgrades_with_rustls_and_drops_pipelined_commands() {
+    // A test CA and a certificate for localhost signed by it.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
+    let gw = Gateway::start(&[
+        (
+            "SWITCHBOARD_EMAIL__INTAKE_ADDRESSES",
+            format!("[\"{INTAKE}\"]"),
+        ),
+        (
+            "SWITCHBOARD_EMAIL__TLS_CERT_PATH",
+            cert_path.display().to_string(),
+        ),
+        (
+            "SWITCHBOARD_EMAIL__TLS_KEY_PATH",
+            key_path.display().to_string(),
+        ),
+    ])
+    .await;
+
+    let mut plain = BufReader::new(tokio::net::TcpStream::connect(&gw.smtp).await.unwrap());
+    assert!(reply_of(&mut plain).await.starts_with("220 "));
+    assert!(say(&mut plain, b"EHLO client.test\r\n")
+        .await
+        .contains("250-STARTTLS"));
+    // A command pipelined behind STARTTLS must not survive into the TLS session.
+    let r = say(
+        &mut plain,
+        b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n",
+    )
+    .await;
+    assert!(r.starts_with("220 2.0.0"), "{r}");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector
+        .connect(name, plain.into_inner())
+        .await
+        .expect("TLS handshake");
+    let mut tls = BufReader::new(tls);
+    let ehlo = say(&mut tls, b"EHLO client.test\r\n").await;
+    assert!(
+        ehlo.starts_with("250-") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
+    let r = say(&mut tls, b"RCPT TO:<complaints@operator.example>\r\n").await;
+    assert!(
+        r.starts_with("503"),
+        "the injected MAIL FROM was dropped: {r}"
+    );
+    assert!(say(&mut tls, b"MAIL FROM:<secure@example.cn>\r\n")
+        .await
+        .starts_with("250"));
+    assert!(say(&mut tls, b"RCPT TO:<complaints@operator.example>\r\n")
+        .await
+        .starts_with("250"));
+    assert!(say(&mut tls, b"DATA\r\n").await.starts_with("354"));
+    let r = say(
+        &mut tls,
+        b"From: secure@example.cn\r\nSubject: over TLS\r\nMessage-ID: <tls-1@example.cn>\r\n\r\nSent over STARTTLS.\r\n.\r\n",
+    )
+    .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    assert!(say(&mut tls, b"QUIT\r\n").await.starts_with("221"));
+
+    let (records, _) = switchboard::sink::spool::read_all(&gw.spool_dir()).unwrap();
+    assert_eq!(records.len(), 1);
+    let rec: serde_json::Value = serde_json::from_slice(&records[0]).unwrap();
+    assert_eq!(
+        rec["content"]["text"].as_str().unwrap().trim(),
+        "Sent over STARTTLS."
+    );
+    assert_eq!(rec["customer"]["key"], "secure@example.cn");
 }

@@ -331,3 +331,60 @@ impl Channel for EmailInbound {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, RateConfig};
+    use crate::sink::{Encoded, Health, Landed, Sink, SinkError};
+
+    /// A sink that cannot take anything (Kafka and spool both gone).
+    struct Down;
+
+    impl Sink for Down {
+        fn write<'a>(&'a self, _: &'a [Encoded]) -> BoxFuture<'a, Result<Vec<Landed>, SinkError>> {
+            Box::pin(async { Err(SinkError::Spool("disk gone".into())) })
+        }
+        fn health(&self) -> Health {
+            Health {
+                usable: false,
+                healthy: false,
+                parts: vec![],
+            }
+        }
+        fn shutdown(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn delivery(n: u32) -> Delivery {
+        Delivery {
+            peer: "127.0.0.1".parse().unwrap(),
+            mail_from: "a@example.cn".into(),
+            rcpt_to: vec!["complaints@switchboard.localhost".into()],
+            data: format!("From: a@example.cn\r\nMessage-ID: <m{n}@example.cn>\r\nSubject: s\r\n\r\nbody {n}\r\n").into_bytes(),
+        }
+    }
+
+    #[tokio::test]
+    async fn sink_failure_is_451_4_3_0_and_rate_limit_is_451_4_7_1() {
+        let mut cfg = Config::default();
+        cfg.email.attachment_dir = tempfile::tempdir().unwrap().keep();
+        let down = Pipeline::new(&cfg, Arc::new(Down));
+        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, down, None)));
+        let r = h.deliver(delivery(1)).await;
+        assert_eq!((r.code, r.status), (451, "4.3.0"));
+
+        cfg.limits.per_source = RateConfig {
+            per_second: 0.001,
+            burst: 1,
+        };
+        let ok = Pipeline::new(&cfg, Arc::new(crate::sink::memory::MemorySink::default()));
+        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, ok, None)));
+        assert_eq!(h.deliver(delivery(2)).await.code, 250);
+        let r = h.deliver(delivery(3)).await;
+        assert_eq!((r.code, r.status), (451, "4.7.1"));
+        assert!(!h.accept_recipient("someone@elsewhere.example"));
+        assert!(h.accept_recipient("<Complaints@Switchboard.localhost>"));
+    }
+}
