@@ -332,7 +332,17 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     } else {
         None
     };
-    let email = Arc::new(EmailIntake::new(&cfg.email, pipeline.clone(), ack));
+    let email = Arc::new(EmailIntake::new(&cfg.email, pipeline.clone(), ack.clone()));
+    // Per-recipient acknowledgement limits forget recipients idle for an hour.
+    let ack_evictor = ack.map(|a| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(300));
+            loop {
+                tick.tick().await;
+                a.evict_idle();
+            }
+        })
+    });
     let smtp_tls = if cfg.email.tls_cert_path.is_empty() {
         None
     } else {
@@ -429,6 +439,9 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let _ = admin_task.await;
     evictor.abort();
     sweeper.abort();
+    if let Some(t) = ack_evictor {
+        t.abort();
+    }
     tracing::info!("switchboard stopped");
     Ok(())
 }
