@@ -119,7 +119,7 @@ impl PublicInner {
             channel.precheck(&parts, &ctx)?;
             let (parts, body) = http::read_body(
                 Request::from_parts(parts, body),
-                self.max_body,
+                channel.max_body().unwrap_or(self.max_body),
                 self.body_timeout,
             )
             .await?;

@@ -163,6 +163,7 @@ pub const INBOUND_ROUTE: &str = "/hooks/email/inbound";
 /// `POST /hooks/email/inbound?token=...`
 pub struct EmailInbound {
     intake: Arc<EmailIntake>,
+    max_body: usize,
     mode: SignatureMode,
     tokens: Vec<String>,
     mailgun_keys: Vec<String>,
@@ -172,6 +173,8 @@ impl EmailInbound {
     pub fn new(cfg: &EmailConfig, intake: Arc<EmailIntake>) -> Self {
         Self {
             intake,
+            // A raw message up to email.max_message_bytes, form-encoded (up to 3 bytes a byte).
+            max_body: cfg.max_message_bytes.saturating_mul(3),
             mode: cfg.inbound_auth_mode,
             tokens: cfg.inbound_tokens.clone(),
             mailgun_keys: cfg.mailgun_signing_keys.clone(),
@@ -274,6 +277,10 @@ impl Channel for EmailInbound {
 
     fn reject(&self, r: &Rejection) -> Resp {
         super::provider_json_reject(r)
+    }
+
+    fn max_body(&self) -> Option<usize> {
+        Some(self.max_body)
     }
 
     fn handle<'a>(

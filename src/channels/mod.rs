@@ -42,6 +42,11 @@ pub trait Channel: Send + Sync + 'static {
         "POST"
     }
 
+    /// A body cap of the channel's own (mail carries attachments); `http.max_body_bytes` if none.
+    fn max_body(&self) -> Option<usize> {
+        None
+    }
+
     /// Cheap checks on the request head, before the body is read.
     fn precheck(&self, parts: &Parts, ctx: &RequestCtx) -> Result<(), Rejection>;
 
