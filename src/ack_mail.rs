@@ -60,6 +60,9 @@ impl Header for SuppressAutoResponse {
     }
 }
 
+/// Mails being sent or retried at once.
+const SENDERS: usize = 32;
+
 pub struct AckMailer {
     tx: mpsc::Sender<AckJob>,
     limiter: DefaultKeyedRateLimiter<u64>,
@@ -116,11 +119,18 @@ impl AckMailer {
         let per_hour = NonZeroU32::new(cfg.per_recipient_per_hour.max(1)).expect("max(1)");
         let limiter = RateLimiter::keyed(Quota::per_hour(per_hour));
         let cfg = Arc::new(cfg);
+        // At most this many mails in flight (sending or waiting to retry): during a relay
+        // outage the queue fills and further acknowledgements are dropped and counted.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(SENDERS));
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
                 let (cfg, transport) = (cfg.clone(), transport.clone());
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
                 // Each mail retries on its own so one bad recipient does not hold the queue.
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let msg = match build(&cfg, &job) {
                         Ok(m) => m,
                         Err(e) => {
@@ -129,16 +139,39 @@ impl AckMailer {
                             return;
                         }
                     };
+                    // RFC 3834: automatic replies go out with a null reverse-path, so they can
+                    // never bounce back into a loop.
+                    let Ok(to) = job.to.parse::<lettre::Address>() else {
+                        outcome("invalid");
+                        return;
+                    };
+                    let envelope =
+                        lettre::address::Envelope::new(None, vec![to]).expect("one recipient");
+                    let raw = msg.formatted();
                     let mut delay = Duration::from_millis(cfg.retry_base_ms.max(1));
-                    for attempt in 1..=cfg.max_attempts.max(1) {
-                        match transport.send(msg.clone()).await {
+                    let attempts = cfg.max_attempts.max(1);
+                    for attempt in 1..=attempts {
+                        match transport.send_raw(&envelope, &raw).await {
                             Ok(_) => {
                                 outcome("sent");
                                 return;
                             }
                             Err(e) => {
+                                // The relay's text can quote the recipient: log the code only.
+                                let code = e
+                                    .status()
+                                    .map(|c| c.to_string())
+                                    .unwrap_or_else(|| "none".into());
+                                tracing::warn!(
+                                    attempt,
+                                    code,
+                                    permanent = e.is_permanent(),
+                                    "acknowledgement mail failed"
+                                );
+                                if e.is_permanent() || attempt == attempts {
+                                    break;
+                                }
                                 outcome("retried");
-                                tracing::warn!(attempt, error = %e, "acknowledgement mail failed");
                                 tokio::time::sleep(delay).await;
                                 delay = (delay * 2).min(Duration::from_secs(300));
                             }

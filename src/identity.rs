@@ -89,23 +89,30 @@ impl Normalizer {
     // Hand-written on purpose: full RFC 5322 address parsing belongs to the email channel (where
     // mail-parser does it); here we only need a stable key from an address a system already holds.
     pub fn email(&self, raw: &str) -> Result<String, IdentityError> {
-        let e = raw.trim().to_lowercase();
-        let (local, domain) = e.split_once('@').ok_or(IdentityError::InvalidEmail)?;
-        let ok = !local.is_empty()
-            && local.len() <= 64
-            && domain.len() <= 255
-            && domain.contains('.')
-            && !domain.starts_with('.')
-            && !domain.ends_with('.')
-            && !domain.contains('@')
-            && !e.chars().any(|c| c.is_whitespace() || c.is_control());
-        if ok {
-            Ok(e)
-        } else {
-            Err(IdentityError::InvalidEmail)
-        }
+        normalize_email(raw)
     }
+}
 
+/// A stable key from an address a system already holds: lowercased, checked for shape.
+pub fn normalize_email(raw: &str) -> Result<String, IdentityError> {
+    let e = raw.trim().to_lowercase();
+    let (local, domain) = e.split_once('@').ok_or(IdentityError::InvalidEmail)?;
+    let ok = !local.is_empty()
+        && local.len() <= 64
+        && domain.len() <= 255
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(e)
+    } else {
+        Err(IdentityError::InvalidEmail)
+    }
+}
+
+impl Normalizer {
     pub fn normalize(&self, raw: RawIdentity) -> Result<Identity, IdentityError> {
         let phone = non_empty(raw.phone).map(|p| self.phone(&p)).transpose()?;
         let email = non_empty(raw.email).map(|e| self.email(&e)).transpose()?;

@@ -224,13 +224,25 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     async fn send(&mut self, r: Reply) -> std::io::Result<()> {
-        self.stream.write_all(r.line().as_bytes()).await
+        self.write(r.line().as_bytes()).await
+    }
+
+    /// Writes with the command timeout: a client that never reads cannot hold the session.
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match tokio::time::timeout(self.limits.command_timeout, self.stream.write_all(bytes)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client does not read replies",
+            )),
+        }
     }
 
     async fn run(mut self, shutdown: CancellationToken, greet: bool) -> std::io::Result<End<S>> {
         if greet {
             let greeting = format!("220 {} ESMTP Switchboard\r\n", self.limits.hostname);
-            self.stream.write_all(greeting.as_bytes()).await?;
+            self.write(greeting.as_bytes()).await?;
         }
         let mut receiver = RequestReceiver::default();
         let mut buf = vec![0u8; 8192];
@@ -246,16 +258,29 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                         let is_data = matches!(req, Request::Data);
                         let flow = self.command(req, &mut out);
                         if matches!(flow, Flow::Continue) && is_data && self.ready_for_data() {
-                            out.push_str(
-                                &Reply::new(354, "2.0.0", "End data with <CR><LF>.<CR><LF>").line(),
-                            );
-                            self.stream.write_all(out.as_bytes()).await?;
+                            // 354 is intermediate: no enhanced status code (RFC 2034 covers 2xx/4xx/5xx).
+                            metrics::counter!(SMTP_REPLIES, "code" => "354").increment(1);
+                            out.push_str("354 End data with <CR><LF>.<CR><LF>\r\n");
+                            self.write(out.as_bytes()).await?;
                             out.clear();
                             let (reply, leftover) = self.data(iter.as_slice().to_vec()).await?;
                             self.mail_from = None;
                             self.rcpt_to.clear();
                             out.push_str(&reply.line());
-                            if reply.code == 421 {
+                            if reply.code >= 500 {
+                                self.errors += 1;
+                            }
+                            if reply.code == 421 || self.errors >= self.limits.max_errors {
+                                if reply.code != 421 {
+                                    out.push_str(
+                                        &Reply::new(
+                                            421,
+                                            "4.7.0",
+                                            "Too many errors, closing connection",
+                                        )
+                                        .line(),
+                                    );
+                                }
                                 Flow::Close
                             } else {
                                 // Parse what followed the message (pipelined commands) next.
@@ -272,19 +297,19 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 match flow {
                     Flow::Continue => {}
                     Flow::Close => {
-                        self.stream.write_all(out.as_bytes()).await?;
+                        self.write(out.as_bytes()).await?;
                         return Ok(End::Closed);
                     }
                     Flow::StartTls => {
                         // Anything pipelined after STARTTLS is dropped, never run inside TLS.
-                        self.stream.write_all(out.as_bytes()).await?;
+                        self.write(out.as_bytes()).await?;
                         self.stream.flush().await?;
                         return Ok(End::StartTls(self.stream));
                     }
                 }
             }
             if !out.is_empty() {
-                self.stream.write_all(out.as_bytes()).await?;
+                self.write(out.as_bytes()).await?;
             }
             if let Some(rest) = after_data {
                 pending = rest;
@@ -451,6 +476,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     /// that followed the end marker (pipelined commands).
     async fn data(&mut self, mut pending: Vec<u8>) -> std::io::Result<(Reply, Vec<u8>)> {
         let mut receiver = DataReceiver::new();
+        // The receiver looks for "CRLF ." sequences; priming it with the CRLF that ended the
+        // DATA command makes a first line "." (empty message) or ".." (stuffed) parse right.
+        let mut primer = Vec::new();
+        receiver.ingest(&mut b"\r\n".iter(), &mut primer);
+        // However slowly the client sends, the whole message must arrive within this time.
+        let deadline = tokio::time::Instant::now() + self.limits.data_timeout * 4;
         let mut message = Vec::new();
         let mut too_big = false;
         let mut buf = vec![0u8; 64 * 1024];
@@ -489,9 +520,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 };
                 return Ok((reply, rest));
             }
-            let n = match tokio::time::timeout(self.limits.data_timeout, self.stream.read(&mut buf))
-                .await
-            {
+            let wait = self
+                .limits
+                .data_timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let n = match tokio::time::timeout(wait, self.stream.read(&mut buf)).await {
                 Err(_) => {
                     return Ok((
                         Reply::new(421, "4.4.2", "Timeout waiting for data"),

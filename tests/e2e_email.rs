@@ -244,6 +244,10 @@ async fn smtp_limits_relay_smuggling_and_swaks() {
             b"RCPT TO:<complaints@operator.example>\r\n",
             b"DATA\r\n",
             b"Subject: smuggle\r\n\r\nfirst\n.\r\nMAIL FROM:<evil@example.com>\r\n.\r\n",
+            b"MAIL FROM:<a@example.com>\r\n",
+            b"RCPT TO:<complaints@operator.example>\r\n",
+            b"DATA\r\n",
+            b".\r\n",
             b"QUIT\r\n",
         ],
     )
@@ -267,7 +271,17 @@ async fn smtp_limits_relay_smuggling_and_swaks() {
         replies[7].starts_with("550 5.5.2"),
         "bare LF refused: {replies:?}"
     );
-    assert!(replies[8].starts_with("221"), "{replies:?}");
+    assert!(
+        replies[8].starts_with("250 2.1.0") && replies[9].starts_with("250 2.1.5"),
+        "{replies:?}"
+    );
+    assert!(
+        replies[10].starts_with("354 End"),
+        "no enhanced code on 354: {replies:?}"
+    );
+    // An empty message ends at once (no hang until the data timeout) and is refused.
+    assert!(replies[11].starts_with("554 5.6.0"), "{replies:?}");
+    assert!(replies[12].starts_with("221"), "{replies:?}");
 
     // Oversized message (the test caps messages at 200000 bytes).
     let client = smtp_client(&gw.smtp);

@@ -47,11 +47,11 @@ pub struct EmailParser {
     pub attachment_url_prefix: String,
 }
 
-/// Something that can be an address: local@domain, no spaces or angle brackets. Anything else
-/// (a broken header) is ignored and the envelope sender used instead.
+/// Something the identity stage accepts as an address. Anything else (a broken header, an
+/// address a strict check refuses) is ignored and the next source used, so no complaint mail
+/// is refused over its sender's address.
 fn plausible_address(a: &str) -> bool {
-    matches!(a.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.'))
-        && !a.contains(['<', '>', ' ', '\t', ',', ';'])
+    !a.contains(['<', '>', ',', ';', '"']) && crate::identity::normalize_email(a).is_ok()
 }
 
 fn address_of(a: Option<&Address<'_>>) -> Option<(Option<String>, String)> {
@@ -199,6 +199,12 @@ impl EmailParser {
         let in_reply_to = text_list(msg.in_reply_to()).into_iter().next();
         let references = text_list(msg.references());
 
+        // A complaint written only in the subject line is still a complaint.
+        let text = if text.trim().is_empty() {
+            subject.clone().unwrap_or_default()
+        } else {
+            text
+        };
         let mut intake = Intake::new(ChannelKind::Email, NAME, text);
         intake.subject = subject.clone();
         intake.identity.email = sender_email;
@@ -217,6 +223,15 @@ impl EmailParser {
                 format!("sha256:{}", hex::encode(h.finalize()))
             }
         });
+        if intake.identity.email.is_none() {
+            // No usable sender address at all: the message itself is the identity.
+            intake.identity.social = Some(crate::identity::SocialId {
+                platform: "email".into(),
+                account: Some(envelope.rcpt_to.trim().to_lowercase()).filter(|a| !a.is_empty()),
+                id: intake.provider_message_id.clone().unwrap_or_default(),
+                handle: None,
+            });
+        }
         intake.in_reply_to = in_reply_to.clone();
         // A thread is named by its root: the first reference, else what this replies to, else itself.
         intake.thread_id = references
