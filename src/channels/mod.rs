@@ -156,6 +156,35 @@ pub fn require_content_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(),
     }
 }
 
+/// Webhooks that take GET (parameters in the query) or POST with one of `types`.
+pub fn get_or_post(parts: &Parts, types: &[&str]) -> Result<(), Rejection> {
+    match parts.method {
+        hyper::Method::GET => Ok(()),
+        hyper::Method::POST => require_content_type(&parts.headers, types),
+        _ => Err(Rejection::new(Reason::MethodNotAllowed, "use POST or GET")),
+    }
+}
+
+/// A flat JSON object's values as strings (numbers and booleans in their JSON form), the way
+/// form-posting providers send the same fields as JSON.
+pub fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, Rejection> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Rejection::new(Reason::MalformedJson, e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| Rejection::new(Reason::InvalidEvent, "JSON body must be an object"))?;
+    Ok(obj
+        .iter()
+        .map(|(k, v)| {
+            let s = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), s)
+        })
+        .collect())
+}
+
 /// Decoded `application/x-www-form-urlencoded` pairs, in order, repeated names kept.
 pub fn form_pairs(bytes: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(bytes).into_owned().collect()

@@ -95,13 +95,7 @@ impl Channel for Smpp {
     }
 
     fn precheck(&self, parts: &Parts, ctx: &RequestCtx) -> Result<(), Rejection> {
-        match parts.method {
-            Method::GET => {}
-            Method::POST => {
-                super::require_content_type(&parts.headers, &["application/x-www-form-urlencoded"])?
-            }
-            _ => return Err(Rejection::new(Reason::MethodNotAllowed, "use POST or GET")),
-        }
+        super::get_or_post(parts, &["application/x-www-form-urlencoded"])?;
         // The token may also be in the body; checked in `handle` then. Network first.
         network_and_token(self.cfg.auth_mode, NAME, &self.allow, ctx.peer, None)
     }

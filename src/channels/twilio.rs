@@ -175,7 +175,7 @@ impl Twilio {
             return Ok(form_pairs(q.as_bytes()));
         }
         if json {
-            return json_params(body);
+            return super::json_params(body);
         }
         Ok(params)
     }
@@ -426,25 +426,6 @@ impl Twilio {
     }
 }
 
-/// A flat JSON object's values as strings (numbers and booleans in their JSON form).
-fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, Rejection> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Rejection::new(Reason::MalformedJson, e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| Rejection::new(Reason::InvalidEvent, "JSON body must be an object"))?;
-    Ok(obj
-        .iter()
-        .map(|(k, v)| {
-            let s = match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (k.clone(), s)
-        })
-        .collect())
-}
-
 impl Channel for Twilio {
     fn name(&self) -> &'static str {
         NAME
@@ -455,14 +436,10 @@ impl Channel for Twilio {
     }
 
     fn precheck(&self, parts: &Parts, _ctx: &RequestCtx) -> Result<(), Rejection> {
-        match parts.method {
-            Method::GET => Ok(()),
-            Method::POST => super::require_content_type(
-                &parts.headers,
-                &["application/x-www-form-urlencoded", "application/json"],
-            ),
-            _ => Err(Rejection::new(Reason::MethodNotAllowed, "use POST or GET")),
-        }
+        super::get_or_post(
+            parts,
+            &["application/x-www-form-urlencoded", "application/json"],
+        )
     }
 
     fn handle<'a>(

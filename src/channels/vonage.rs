@@ -136,26 +136,12 @@ impl Vonage {
 
 fn json_or_form(parts: &Parts, body: &[u8]) -> Result<Vec<(String, String)>, Rejection> {
     if parts.method == Method::GET {
-        return Ok(form_pairs(parts.uri.query().unwrap_or("").as_bytes()));
+        Ok(form_pairs(parts.uri.query().unwrap_or("").as_bytes()))
+    } else if super::content_type(&parts.headers) == "application/json" {
+        super::json_params(body)
+    } else {
+        Ok(form_pairs(body))
     }
-    if super::content_type(&parts.headers) == "application/json" {
-        let v: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| Rejection::new(Reason::MalformedJson, e.to_string()))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| Rejection::new(Reason::InvalidEvent, "JSON body must be an object"))?;
-        return Ok(obj
-            .iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), s)
-            })
-            .collect());
-    }
-    Ok(form_pairs(body))
 }
 
 impl Channel for Vonage {
@@ -168,14 +154,10 @@ impl Channel for Vonage {
     }
 
     fn precheck(&self, parts: &Parts, _ctx: &RequestCtx) -> Result<(), Rejection> {
-        match parts.method {
-            Method::GET => Ok(()),
-            Method::POST => super::require_content_type(
-                &parts.headers,
-                &["application/x-www-form-urlencoded", "application/json"],
-            ),
-            _ => Err(Rejection::new(Reason::MethodNotAllowed, "use POST or GET")),
-        }
+        super::get_or_post(
+            parts,
+            &["application/x-www-form-urlencoded", "application/json"],
+        )
     }
 
     fn handle<'a>(
