@@ -82,6 +82,19 @@ fn smtp_client(addr: &str) -> AsyncSmtpTransport<Tokio1Executor> {
         .build()
 }
 
+/// Sends a fixture file as is, from `from` to the intake address.
+async fn send_fixture(
+    client: &AsyncSmtpTransport<Tokio1Executor>,
+    from: &str,
+    file: &str,
+) -> Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error> {
+    let envelope =
+        lettre::address::Envelope::new(Some(from.parse().unwrap()), vec![INTAKE.parse().unwrap()])
+            .unwrap();
+    let raw = std::fs::read(format!("tests/fixtures/email/{file}")).unwrap();
+    client.send_raw(&envelope, &raw).await
+}
+
 async fn next_ack(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
     tokio::time::timeout(Duration::from_secs(30), rx.recv())
         .await
@@ -111,28 +124,10 @@ async fn smtp_mail_becomes_a_record_and_is_acknowledged_in_thread() {
     client.send(mail).await.expect("duplicate is accepted too");
 
     // An auto-reply is recorded but never acknowledged; a GBK mail decodes.
-    let envelope = lettre::address::Envelope::new(
-        Some("ooo@example.com".parse().unwrap()),
-        vec![INTAKE.parse().unwrap()],
-    )
-    .unwrap();
-    client
-        .send_raw(
-            &envelope,
-            &std::fs::read("tests/fixtures/email/auto_reply.eml").unwrap(),
-        )
+    send_fixture(&client, "ooo@example.com", "auto_reply.eml")
         .await
         .unwrap();
-    let gbk_env = lettre::address::Envelope::new(
-        Some("zhang.wei@example.cn".parse().unwrap()),
-        vec![INTAKE.parse().unwrap()],
-    )
-    .unwrap();
-    client
-        .send_raw(
-            &gbk_env,
-            &std::fs::read("tests/fixtures/email/gbk.eml").unwrap(),
-        )
+    send_fixture(&client, "zhang.wei@example.cn", "gbk.eml")
         .await
         .unwrap();
 
@@ -285,16 +280,7 @@ async fn smtp_limits_relay_smuggling_and_swaks() {
 
     // Oversized message (the test caps messages at 200000 bytes).
     let client = smtp_client(&gw.smtp);
-    let env = lettre::address::Envelope::new(
-        Some("big@example.cn".parse().unwrap()),
-        vec![INTAKE.parse().unwrap()],
-    )
-    .unwrap();
-    let e = client
-        .send_raw(
-            &env,
-            &std::fs::read("tests/fixtures/email/oversized.eml").unwrap(),
-        )
+    let e = send_fixture(&client, "big@example.cn", "oversized.eml")
         .await
         .unwrap_err();
     assert!(e.to_string().contains("552") || e.is_permanent(), "{e}");
@@ -325,13 +311,31 @@ async fn smtp_limits_relay_smuggling_and_swaks() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("<-  250 2.0.0 Queued as"));
 
+    // Attachments: metadata in the record, bytes in the attachment store.
+    send_fixture(&client, "wang.fang@example.cn", "attachments.eml")
+        .await
+        .unwrap();
+
     let recs = records_until_sentinel(&gw, &brokers, &topic).await;
-    assert_eq!(recs.len(), 1, "only the swaks mail: {recs:#?}");
+    assert_eq!(
+        recs.len(),
+        2,
+        "the swaks mail and the one with attachments: {recs:#?}"
+    );
     assert_eq!(
         recs[0]["content"]["text"],
         "My 5G signal drops every evening."
     );
     assert_eq!(recs[0]["customer"]["key"], "wang.fang@example.cn");
+    let atts = recs[1]["content"]["attachments"].as_array().unwrap();
+    assert_eq!(atts.len(), 2);
+    assert_eq!(atts[0]["name"], "bill.pdf");
+    assert_eq!(atts[1]["name"], "信号截图.png");
+    let sha = atts[0]["sha256"].as_str().unwrap();
+    let stored =
+        std::fs::read(gw.dir.path().join("attachments").join(sha)).expect("attachment stored");
+    assert_eq!(stored.len() as u64, atts[0]["size"].as_u64().unwrap());
+    assert_eq!(atts[0]["url"], format!("attachment:sha256:{sha}"));
 }
 
 #[tokio::test]
