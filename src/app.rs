@@ -4,6 +4,7 @@
 use crate::ack_mail::AckMailer;
 use crate::channels::alibaba::Alibaba;
 use crate::channels::api::ApiChannel;
+use crate::channels::chat::{outbox::Outboxes, Chat};
 use crate::channels::email_intake::{EmailInbound, EmailIntake, SmtpIntake};
 use crate::channels::segments::Assembler;
 use crate::channels::smpp::Smpp;
@@ -39,6 +40,7 @@ struct Route {
 struct PublicInner {
     pipeline: Arc<Pipeline>,
     routes: Vec<Route>,
+    chat: Option<Arc<Chat>>,
     max_body: usize,
     body_timeout: Duration,
 }
@@ -69,6 +71,36 @@ impl Handler for Public {
         Box::pin(async move {
             let _in_flight = InFlight::start();
             let path = req.uri().path();
+            if let Some(chat) = &me.chat {
+                let chat_route = match path {
+                    "/v1/chat" => Some("/v1/chat"),
+                    "/chat" if chat.widget_enabled() => Some("/chat"),
+                    _ => None,
+                };
+                if let Some(label) = chat_route {
+                    let resp = if label == "/chat" {
+                        chat.widget(&req)
+                    } else {
+                        let ctx = RequestCtx {
+                            peer: peer.ip(),
+                            channel: crate::channels::chat::CHANNEL,
+                            trace_id: trace_id(
+                                req.headers()
+                                    .get("traceparent")
+                                    .and_then(|v| v.to_str().ok()),
+                            ),
+                        };
+                        chat.upgrade(req, ctx).await
+                    };
+                    metrics::counter!(
+                        telemetry::HTTP_REQUESTS,
+                        "route" => label,
+                        "status" => resp.status().as_str().to_string()
+                    )
+                    .increment(1);
+                    return resp;
+                }
+            }
             let route = me.routes.iter().find(|r| {
                 if r.prefix {
                     path.starts_with(r.path)
@@ -361,9 +393,45 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         None
     };
 
+    let chat = if cfg.chat.enabled {
+        let outboxes = Outboxes::new(
+            cfg.chat.outbox_max_replies,
+            cfg.chat.outbox_max_sessions,
+            Duration::from_secs(cfg.chat.outbox_ttl_secs),
+        );
+        Some(Chat::new(
+            cfg.chat.clone(),
+            pipeline.clone(),
+            outboxes,
+            shutdown.clone(),
+        ))
+    } else {
+        None
+    };
+    let replies_task = match &chat {
+        Some(c) if cfg.chat.replies && cfg.kafka_enabled() => Some(crate::replies::spawn(
+            &cfg.kafka,
+            &cfg.chat,
+            c.outboxes().clone(),
+            shutdown.clone(),
+        )?),
+        _ => None,
+    };
+    let outbox_sweeper = chat.as_ref().map(|c| {
+        let o = c.outboxes().clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                let n = o.sweep();
+                metrics::gauge!(telemetry::CHAT_OUTBOX_SESSIONS).set(n as f64);
+            }
+        })
+    });
     let public = Public(Arc::new(PublicInner {
         pipeline: pipeline.clone(),
         routes: routes(&cfg, &pipeline, &email)?,
+        chat: chat.clone(),
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_read_timeout(),
     }));
@@ -433,6 +501,16 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let _ = public_task.await;
     if let Some(t) = smtp_task {
         let _ = t.await;
+    }
+    if let Some(c) = &chat {
+        // Sessions close with 1001 after their in-flight messages are acknowledged.
+        c.drain(grace).await;
+    }
+    if let Some(t) = replies_task {
+        let _ = t.await;
+    }
+    if let Some(t) = outbox_sweeper {
+        t.abort();
     }
     tracing::info!("listeners drained; flushing the sink");
     pipeline.shutdown_sink().await;

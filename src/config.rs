@@ -31,6 +31,7 @@ pub struct Config {
     pub alibaba: AlibabaConfig,
     pub smpp: SmppConfig,
     pub email: EmailConfig,
+    pub chat: ChatConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -553,6 +554,81 @@ impl Default for AckMailConfig {
     }
 }
 
+/// Web chat over websockets (`GET /v1/chat`) and its widget (`GET /chat`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    pub enabled: bool,
+    /// Serve the widget page at `GET /chat`.
+    pub widget: bool,
+    /// Secrets signing session tokens (HS256): the first signs, all verify (rotation). Empty: a
+    /// random secret per process, so sessions cannot resume across restarts or instances.
+    pub session_secrets: Vec<String>,
+    pub session_ttl_secs: u64,
+    /// Secrets of the operator's app that signs logged-in customers' tokens (HS256, one or two).
+    pub customer_token_secrets: Vec<String>,
+    /// Accept visitors without a customer token.
+    pub allow_anonymous: bool,
+    /// Allowed `Origin` values for the upgrade; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Concurrent websocket sessions on this instance; over it the upgrade answers 503.
+    pub max_sessions: usize,
+    pub hello_timeout_secs: u64,
+    pub heartbeat_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub write_timeout_ms: u64,
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_text_chars: usize,
+    pub messages_per_minute: u32,
+    pub message_burst: u32,
+    /// Rate-limit errors a connection may collect before it is closed with 1008.
+    pub max_violations: u32,
+    /// All frames (pings included) per second per connection; over it, close 1008.
+    pub frames_per_second: u32,
+    /// Messages of one connection being made durable at once; reading pauses beyond it.
+    pub max_in_flight: usize,
+    /// Consume `kafka.replies_topic` and deliver replies (needs `kafka.brokers`).
+    pub replies: bool,
+    pub outbox_max_replies: usize,
+    pub outbox_ttl_secs: u64,
+    /// Sessions whose outboxes are kept (connected or recently active); the oldest idle go first.
+    pub outbox_max_sessions: usize,
+    pub max_reply_chars: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            widget: true,
+            session_secrets: Vec::new(),
+            session_ttl_secs: 86_400,
+            customer_token_secrets: Vec::new(),
+            allow_anonymous: true,
+            allowed_origins: Vec::new(),
+            max_sessions: 20_000,
+            hello_timeout_secs: 10,
+            heartbeat_secs: 25,
+            idle_timeout_secs: 1_800,
+            write_timeout_ms: 5_000,
+            max_frame_bytes: 16 * 1024,
+            max_message_bytes: 64 * 1024,
+            max_text_chars: 4_000,
+            messages_per_minute: 30,
+            message_burst: 10,
+            max_violations: 20,
+            frames_per_second: 50,
+            max_in_flight: 8,
+            replies: true,
+            outbox_max_replies: 64,
+            outbox_ttl_secs: 86_400,
+            outbox_max_sessions: 100_000,
+            max_reply_chars: 4_000,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -743,6 +819,54 @@ impl Config {
         }
         if self.spool.max_batch_records == 0 {
             return Err(key_err("spool.max_batch_records", "must be at least 1"));
+        }
+        let c = &self.chat;
+        for (k, v) in [
+            ("chat.max_sessions", c.max_sessions as u64),
+            ("chat.hello_timeout_secs", c.hello_timeout_secs),
+            ("chat.heartbeat_secs", c.heartbeat_secs),
+            ("chat.idle_timeout_secs", c.idle_timeout_secs),
+            ("chat.write_timeout_ms", c.write_timeout_ms),
+            ("chat.session_ttl_secs", c.session_ttl_secs),
+            ("chat.max_text_chars", c.max_text_chars as u64),
+            ("chat.messages_per_minute", c.messages_per_minute as u64),
+            ("chat.message_burst", c.message_burst as u64),
+            ("chat.frames_per_second", c.frames_per_second as u64),
+            ("chat.max_in_flight", c.max_in_flight as u64),
+            ("chat.outbox_max_replies", c.outbox_max_replies as u64),
+            ("chat.outbox_ttl_secs", c.outbox_ttl_secs),
+            ("chat.outbox_max_sessions", c.outbox_max_sessions as u64),
+            ("chat.max_reply_chars", c.max_reply_chars as u64),
+        ] {
+            if v == 0 {
+                return Err(key_err(k, "must be greater than 0"));
+            }
+        }
+        if c.max_frame_bytes < 1024 || c.max_message_bytes < c.max_frame_bytes {
+            return Err(key_err(
+                "chat.max_message_bytes",
+                "needs max_frame_bytes >= 1024 and max_message_bytes >= max_frame_bytes",
+            ));
+        }
+        if c.session_secrets.iter().any(|s| s.len() < 32) {
+            return Err(key_err(
+                "chat.session_secrets",
+                "each secret needs at least 32 characters",
+            ));
+        }
+        if c.customer_token_secrets.len() > 2
+            || c.customer_token_secrets.iter().any(|s| s.len() < 16)
+        {
+            return Err(key_err(
+                "chat.customer_token_secrets",
+                "one secret, or two during rotation, each at least 16 characters",
+            ));
+        }
+        if !c.allow_anonymous && c.customer_token_secrets.is_empty() {
+            return Err(key_err(
+                "chat.allow_anonymous",
+                "false needs chat.customer_token_secrets, or nobody could chat",
+            ));
         }
         let api = &self.api;
         if api.signature_mode != SignatureMode::Off {

@@ -141,7 +141,10 @@ async fn serve_connection(
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    // Upgrades (the chat websocket) hand the socket to the handler's task once the 101 is sent.
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     tokio::pin!(conn);
     let mut closing = false;
     loop {

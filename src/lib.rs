@@ -15,6 +15,7 @@ pub mod identity;
 pub mod limits;
 pub mod pipeline;
 pub mod record;
+pub mod replies;
 pub mod sink;
 pub mod smtp;
 pub mod telemetry;

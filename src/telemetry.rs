@@ -37,6 +37,13 @@ pub const BUILD_INFO: &str = "switchboard_build_info";
 pub const SMTP_SESSIONS: &str = "switchboard_smtp_sessions";
 pub const SMTP_REPLIES: &str = "switchboard_smtp_replies_total";
 pub const ACK_MAIL: &str = "switchboard_ack_mail_total";
+pub const CHAT_SESSIONS: &str = "switchboard_chat_sessions";
+pub const CHAT_MESSAGES: &str = "switchboard_chat_messages_total";
+pub const CHAT_CLOSES: &str = "switchboard_chat_closes_total";
+pub const CHAT_REPLIES: &str = "switchboard_chat_replies_total";
+pub const CHAT_OUTBOX_SESSIONS: &str = "switchboard_chat_outbox_sessions";
+pub const CHAT_OUTBOX_EVICTIONS: &str = "switchboard_chat_outbox_evictions_total";
+pub const REPLIES_CONSUMER_UP: &str = "switchboard_replies_consumer_up";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -153,6 +160,31 @@ fn describe() {
     describe_counter!(
         ACK_MAIL,
         "Acknowledgement mails by outcome: queued, sent, retried, gave_up, rate_limited, dropped_queue_full, invalid."
+    );
+    describe_gauge!(CHAT_SESSIONS, "Open web chat websocket sessions.");
+    describe_counter!(
+        CHAT_MESSAGES,
+        "Chat messages answered, by outcome: acked, duplicate, refused."
+    );
+    describe_counter!(
+        CHAT_CLOSES,
+        "Chat connections ended, by reason: client, idle, dead_peer, no_hello, bad_token, abuse, too_big, binary, slow_reader, shutdown, protocol_error."
+    );
+    describe_counter!(
+        CHAT_REPLIES,
+        "Downstream replies, by outcome: queued, duplicate, no_session, invalid, delivered."
+    );
+    describe_gauge!(
+        CHAT_OUTBOX_SESSIONS,
+        "Chat sessions whose reply outboxes are held (connected or recently active)."
+    );
+    describe_counter!(
+        CHAT_OUTBOX_EVICTIONS,
+        "Idle chat outboxes evicted because outbox_max_sessions was reached."
+    );
+    describe_gauge!(
+        REPLIES_CONSUMER_UP,
+        "1 while the replies consumer has its partitions assigned, else 0."
     );
 }
 

@@ -8,6 +8,7 @@
 
 pub mod alibaba;
 pub mod api;
+pub mod chat;
 pub mod email;
 pub mod email_intake;
 pub mod segments;

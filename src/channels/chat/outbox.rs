@@ -1,0 +1,359 @@
+//! Per-session reply outboxes: what the downstream answered, kept so a connected session gets
+//! it at once and a resumed session gets what it missed, exactly once (by `seq`).
+//!
+//! Bounded three ways: replies per session, sessions kept (idle ones are evicted oldest first;
+//! connected ones never), and text length per reply. A session's `seq` comes from the reply's
+//! origin (its Kafka offset + 1) when that is larger than the last one, so every instance reading
+//! the same partition numbers a session's replies alike.
+//!
+//! Hand-written over a plain map rather than a cache crate: entries with a connected session must
+//! never be evicted, which size-bounded caches (moka's included) cannot promise.
+
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub seq: u64,
+    pub text: Arc<str>,
+    pub at: Arc<str>,
+    pub reply_id: Option<Arc<str>>,
+    pub in_reply_to: Option<Arc<str>>,
+}
+
+/// A reply as the source hands it over, before it has a seq.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub text: String,
+    pub at: String,
+    pub reply_id: Option<String>,
+    pub in_reply_to: Option<String>,
+    /// Position in the source (Kafka offset + 1), if it has one.
+    pub origin_seq: Option<u64>,
+}
+
+/// Where a reply goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Session(String),
+    Customer(String),
+}
+
+/// What became of one reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for this many sessions.
+    Queued(usize),
+    /// Already queued (same `reply_id`).
+    Duplicate,
+    /// Addressed to a customer with no session known here (another instance may have one).
+    NoSession,
+}
+
+struct Entry {
+    replies: VecDeque<Reply>,
+    last_seq: watch::Sender<u64>,
+    connected: usize,
+    touched: Instant,
+    customer: Option<String>,
+}
+
+struct Inner {
+    sessions: HashMap<String, Entry>,
+    customers: HashMap<String, HashSet<String>>,
+}
+
+pub struct Outboxes {
+    inner: Mutex<Inner>,
+    max_replies: usize,
+    max_sessions: usize,
+    ttl: Duration,
+}
+
+/// A connected session's hold on its outbox: it is not evicted while held.
+pub struct Attached {
+    outboxes: Arc<Outboxes>,
+    session: String,
+    pub changed: watch::Receiver<u64>,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let mut g = self.outboxes.inner.lock();
+        if let Some(e) = g.sessions.get_mut(&self.session) {
+            e.connected = e.connected.saturating_sub(1);
+            e.touched = Instant::now();
+        }
+    }
+}
+
+impl Attached {
+    /// Replies with `seq > after`, in order.
+    pub fn since(&self, after: u64) -> Vec<Reply> {
+        let g = self.outboxes.inner.lock();
+        g.sessions
+            .get(&self.session)
+            .map(|e| {
+                e.replies
+                    .iter()
+                    .filter(|r| r.seq > after)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Outboxes {
+    pub fn new(max_replies: usize, max_sessions: usize, ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                sessions: HashMap::new(),
+                customers: HashMap::new(),
+            }),
+            max_replies: max_replies.max(1),
+            max_sessions: max_sessions.max(1),
+            ttl,
+        })
+    }
+
+    /// Registers a connected session (and the customer it belongs to) and returns its hold.
+    pub fn attach(self: &Arc<Self>, session: &str, customer: Option<&str>) -> Attached {
+        let mut g = self.inner.lock();
+        self.make_room(&mut g);
+        let e = g
+            .sessions
+            .entry(session.to_string())
+            .or_insert_with(|| Entry::new(None));
+        e.connected += 1;
+        e.touched = Instant::now();
+        let changed = e.last_seq.subscribe();
+        if let Some(c) = customer {
+            if e.customer.is_none() {
+                e.customer = Some(c.to_string());
+                g.customers
+                    .entry(c.to_string())
+                    .or_default()
+                    .insert(session.to_string());
+            }
+        }
+        Attached {
+            outboxes: self.clone(),
+            session: session.to_string(),
+            changed,
+        }
+    }
+
+    /// The highest seq held for a session (0 if none).
+    pub fn last_seq(&self, session: &str) -> u64 {
+        self.inner
+            .lock()
+            .sessions
+            .get(session)
+            .map(|e| *e.last_seq.borrow())
+            .unwrap_or(0)
+    }
+
+    pub fn push(&self, target: &Target, reply: Incoming) -> Pushed {
+        let mut g = self.inner.lock();
+        let sessions: Vec<String> = match target {
+            Target::Session(s) => vec![s.clone()],
+            Target::Customer(c) => match g.customers.get(c) {
+                Some(set) if !set.is_empty() => set.iter().cloned().collect(),
+                _ => return Pushed::NoSession,
+            },
+        };
+        let text: Arc<str> = reply.text.into();
+        let at: Arc<str> = reply.at.into();
+        let reply_id: Option<Arc<str>> = reply.reply_id.map(Into::into);
+        let in_reply_to: Option<Arc<str>> = reply.in_reply_to.map(Into::into);
+        let mut queued = 0;
+        for s in sessions {
+            if !g.sessions.contains_key(&s) {
+                self.make_room(&mut g);
+            }
+            let e = g.sessions.entry(s).or_insert_with(|| Entry::new(None));
+            if let Some(id) = &reply_id {
+                if e.replies.iter().any(|r| r.reply_id.as_ref() == Some(id)) {
+                    continue;
+                }
+            }
+            let last = *e.last_seq.borrow();
+            let seq = reply.origin_seq.filter(|o| *o > last).unwrap_or(last + 1);
+            e.replies.push_back(Reply {
+                seq,
+                text: text.clone(),
+                at: at.clone(),
+                reply_id: reply_id.clone(),
+                in_reply_to: in_reply_to.clone(),
+            });
+            while e.replies.len() > self.max_replies {
+                e.replies.pop_front();
+            }
+            e.touched = Instant::now();
+            e.last_seq.send_replace(seq);
+            queued += 1;
+        }
+        if queued == 0 {
+            Pushed::Duplicate
+        } else {
+            Pushed::Queued(queued)
+        }
+    }
+
+    /// Forgets idle sessions past the TTL; returns how many sessions remain.
+    pub fn sweep(&self) -> usize {
+        let mut g = self.inner.lock();
+        let ttl = self.ttl;
+        let expired: Vec<String> = g
+            .sessions
+            .iter()
+            .filter(|(_, e)| e.connected == 0 && e.touched.elapsed() >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            remove(&mut g, &k);
+        }
+        g.sessions.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// At the session cap, evicts the oldest tenth of the idle sessions (amortised: one scan
+    /// frees room for many inserts). Connected sessions stay, so a full table of connected
+    /// sessions grows past the cap by at most the connection cap.
+    fn make_room(&self, g: &mut Inner) {
+        if g.sessions.len() < self.max_sessions {
+            return;
+        }
+        let mut idle: Vec<(Instant, String)> = g
+            .sessions
+            .iter()
+            .filter(|(_, e)| e.connected == 0)
+            .map(|(k, e)| (e.touched, k.clone()))
+            .collect();
+        idle.sort_unstable();
+        let n = (self.max_sessions / 10).max(1).min(idle.len());
+        for (_, k) in idle.into_iter().take(n) {
+            remove(g, &k);
+        }
+        if n > 0 {
+            metrics::counter!(crate::telemetry::CHAT_OUTBOX_EVICTIONS).increment(n as u64);
+        }
+    }
+}
+
+impl Entry {
+    fn new(customer: Option<String>) -> Self {
+        Self {
+            replies: VecDeque::new(),
+            last_seq: watch::Sender::new(0),
+            connected: 0,
+            touched: Instant::now(),
+            customer,
+        }
+    }
+}
+
+fn remove(g: &mut Inner, session: &str) {
+    if let Some(e) = g.sessions.remove(session) {
+        if let Some(c) = e.customer {
+            if let Some(set) = g.customers.get_mut(&c) {
+                set.remove(session);
+                if set.is_empty() {
+                    g.customers.remove(&c);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(text: &str, id: Option<&str>, origin: Option<u64>) -> Incoming {
+        Incoming {
+            text: text.into(),
+            at: "2026-11-29T00:00:00.000Z".into(),
+            reply_id: id.map(Into::into),
+            in_reply_to: None,
+            origin_seq: origin,
+        }
+    }
+
+    #[test]
+    fn replies_queue_in_order_with_increasing_seq() {
+        let o = Outboxes::new(10, 100, Duration::from_secs(60));
+        let s = Target::Session("S1".into());
+        assert_eq!(o.push(&s, reply("a", None, Some(5))), Pushed::Queued(1));
+        assert_eq!(o.push(&s, reply("b", None, Some(9))), Pushed::Queued(1));
+        // An origin behind the last seq (another partition) still moves forward.
+        assert_eq!(o.push(&s, reply("c", None, Some(3))), Pushed::Queued(1));
+        assert_eq!(o.push(&s, reply("d", None, None)), Pushed::Queued(1));
+        let a = o.attach("S1", None);
+        let seqs: Vec<u64> = a.since(0).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![5, 9, 10, 11]);
+        let after: Vec<String> = a.since(9).iter().map(|r| r.text.to_string()).collect();
+        assert_eq!(after, vec!["c", "d"]);
+        assert_eq!(o.last_seq("S1"), 11);
+    }
+
+    #[test]
+    fn same_reply_id_is_queued_once_and_outbox_is_bounded() {
+        let o = Outboxes::new(3, 100, Duration::from_secs(60));
+        let s = Target::Session("S1".into());
+        assert_eq!(o.push(&s, reply("a", Some("r1"), None)), Pushed::Queued(1));
+        assert_eq!(o.push(&s, reply("a", Some("r1"), None)), Pushed::Duplicate);
+        for i in 0..10 {
+            o.push(&s, reply(&format!("x{i}"), None, None));
+        }
+        let a = o.attach("S1", None);
+        let all = a.since(0);
+        assert_eq!(all.len(), 3);
+        assert_eq!(&*all[2].text, "x9");
+    }
+
+    #[test]
+    fn customer_replies_reach_every_session_of_the_customer() {
+        let o = Outboxes::new(10, 100, Duration::from_secs(60));
+        let c = Target::Customer("+8613800138000".into());
+        assert_eq!(o.push(&c, reply("x", None, None)), Pushed::NoSession);
+        let a = o.attach("S1", Some("+8613800138000"));
+        let b = o.attach("S2", Some("+8613800138000"));
+        assert_eq!(o.push(&c, reply("hi", None, None)), Pushed::Queued(2));
+        assert_eq!(a.since(0).len(), 1);
+        assert_eq!(b.since(0).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn attached_sessions_are_woken_and_never_evicted() {
+        let o = Outboxes::new(10, 10, Duration::from_secs(60));
+        let mut a = o.attach("KEEP", None);
+        for i in 0..50 {
+            o.push(&Target::Session(format!("S{i}")), reply("x", None, None));
+        }
+        assert!(o.len() <= 11, "{}", o.len());
+        o.push(&Target::Session("KEEP".into()), reply("for you", None, None));
+        a.changed.changed().await.unwrap();
+        assert_eq!(a.since(0).len(), 1);
+    }
+
+    #[test]
+    fn idle_sessions_expire_after_the_ttl_but_connected_ones_stay() {
+        let o = Outboxes::new(10, 100, Duration::ZERO);
+        o.push(&Target::Session("IDLE".into()), reply("x", None, None));
+        let _held = o.attach("HELD", Some("c"));
+        assert_eq!(o.sweep(), 1);
+        assert_eq!(o.last_seq("IDLE"), 0);
+    }
+}
