@@ -69,15 +69,14 @@ pub fn decode(
     if text.is_empty() {
         return Err(ReplyError::Empty);
     }
-    let at = m
-        .at
-        .filter(|a| chrono::DateTime::parse_from_rfc3339(a).is_ok())
-        .or_else(|| {
-            timestamp_ms
-                .and_then(chrono::DateTime::from_timestamp_millis)
-                .map(crate::record::rfc3339_ms)
-        })
-        .unwrap_or_else(|| crate::record::rfc3339_ms(chrono::Utc::now()));
+    let at =
+        m.at.filter(|a| chrono::DateTime::parse_from_rfc3339(a).is_ok())
+            .or_else(|| {
+                timestamp_ms
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .map(crate::record::rfc3339_ms)
+            })
+            .unwrap_or_else(|| crate::record::rfc3339_ms(chrono::Utc::now()));
     Ok((
         target,
         Incoming {
@@ -108,7 +107,8 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, String> {
             c.set(k, v);
         }
     }
-    c.create().map_err(|e| format!("kafka replies consumer: {e}"))
+    c.create()
+        .map_err(|e| format!("kafka replies consumer: {e}"))
 }
 
 /// Assigns every partition of `topic`, starting at the first reply newer than `since_ms`.

@@ -2,6 +2,8 @@
 //! real HTTP client, and read what it wrote to a real Kafka broker with a real consumer.
 #![allow(dead_code)]
 
+pub mod chat;
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -159,6 +161,22 @@ impl Gateway {
     }
 
     /// SIGTERM, then wait for the exit (bounded).
+    /// Waits (up to 30 s) until a metric reaches `want`; fails if it goes past it.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.metric(name, labels).await;
+            if v == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}{labels:?} is {v}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running");
         let ok = std::process::Command::new("kill")

@@ -227,8 +227,7 @@ impl Chat {
                     metrics::gauge!(telemetry::CHAT_SESSIONS).increment(1.0);
                     let end = Session::new(me.clone(), ws, ctx).run().await;
                     metrics::gauge!(telemetry::CHAT_SESSIONS).decrement(1.0);
-                    metrics::counter!(telemetry::CHAT_CLOSES, "reason" => end.label())
-                        .increment(1);
+                    metrics::counter!(telemetry::CHAT_CLOSES, "reason" => end.label()).increment(1);
                     drop(permit);
                 });
                 let mut resp = Response::new(Full::new(Bytes::new()));
@@ -537,8 +536,7 @@ impl Session {
             ),
             None => None,
         };
-        let (session_id, resumed, from_session) = match token.as_deref().filter(|t| !t.is_empty())
-        {
+        let (session_id, resumed, from_session) = match token.as_deref().filter(|t| !t.is_empty()) {
             Some(t) => {
                 let (sid, cust) = tokens
                     .verify_session(t)
@@ -598,8 +596,12 @@ impl Session {
                 None,
             )
             .await;
-        self.close(CloseCode::Unsupported, "binary frames unsupported", End::Binary)
-            .await
+        self.close(
+            CloseCode::Unsupported,
+            "binary frames unsupported",
+            End::Binary,
+        )
+        .await
     }
 
     async fn deliver(&mut self, attached: &Attached, delivered: &mut u64) -> Result<(), End> {
@@ -710,8 +712,13 @@ impl Session {
             ClientFrame::Ping => self.send_frame(ServerFrame::Pong).await?,
             ClientFrame::Typing => {}
             ClientFrame::Hello { .. } => {
-                self.error("already_hello", "this session already said hello", None, None)
-                    .await?
+                self.error(
+                    "already_hello",
+                    "this session already said hello",
+                    None,
+                    None,
+                )
+                .await?
             }
             ClientFrame::Message {
                 client_msg_id,
@@ -723,7 +730,8 @@ impl Session {
                     self.violations += 1;
                     metrics::counter!(telemetry::RATE_LIMITED, "channel" => CHANNEL, "scope" => "connection")
                         .increment(1);
-                    let id = protocol::valid_client_msg_id(&client_msg_id).then_some(client_msg_id.as_str());
+                    let id = protocol::valid_client_msg_id(&client_msg_id)
+                        .then_some(client_msg_id.as_str());
                     self.error(
                         "rate_limited",
                         "too many messages; resend after retry_after_ms",
@@ -750,8 +758,13 @@ impl Session {
                     return Ok(None);
                 }
                 if text.trim().is_empty() {
-                    self.error("text_empty", "message text is empty", Some(&client_msg_id), None)
-                        .await?;
+                    self.error(
+                        "text_empty",
+                        "message text is empty",
+                        Some(&client_msg_id),
+                        None,
+                    )
+                    .await?;
                     return Ok(None);
                 }
                 if text.chars().count() > self.chat.cfg.max_text_chars {
@@ -776,22 +789,25 @@ impl Session {
         intake.account = Some(est.session_id.clone());
         intake.identity = est.identity.clone();
         intake.thread_id = Some(est.session_id.clone());
-        intake
-            .metadata
-            .insert("chat_customer".into(), if est.verified { "verified" } else { "anonymous" }.into());
+        intake.metadata.insert(
+            "chat_customer".into(),
+            if est.verified {
+                "verified"
+            } else {
+                "anonymous"
+            }
+            .into(),
+        );
         if let Some(l) = &est.lang {
             intake.metadata.insert("ui_lang".into(), l.clone());
         }
         let pipeline = self.chat.pipeline.clone();
         let ctx = self.ctx.clone();
         self.chat.tracker.spawn(async move {
-            let r = pipeline
-                .submit(&ctx, vec![intake])
-                .await
-                .and_then(|mut v| {
-                    v.pop()
-                        .ok_or_else(|| Rejection::new(Reason::Internal, "no answer for the message"))
-                });
+            let r = pipeline.submit(&ctx, vec![intake]).await.and_then(|mut v| {
+                v.pop()
+                    .ok_or_else(|| Rejection::new(Reason::Internal, "no answer for the message"))
+            });
             (client_msg_id, r)
         })
     }
@@ -823,7 +839,9 @@ impl Session {
                 metrics::counter!(telemetry::CHAT_MESSAGES, "outcome" => "refused").increment(1);
                 let code = match r.reason {
                     Reason::RateLimited { .. } => "rate_limited",
-                    Reason::SinkUnavailable | Reason::Overloaded | Reason::Internal => "unavailable",
+                    Reason::SinkUnavailable | Reason::Overloaded | Reason::Internal => {
+                        "unavailable"
+                    }
                     _ => "invalid",
                 };
                 if code != "rate_limited" {

@@ -343,7 +343,10 @@ mod tests {
             o.push(&Target::Session(format!("S{i}")), reply("x", None, None));
         }
         assert!(o.len() <= 11, "{}", o.len());
-        o.push(&Target::Session("KEEP".into()), reply("for you", None, None));
+        o.push(
+            &Target::Session("KEEP".into()),
+            reply("for you", None, None),
+        );
         a.changed.changed().await.unwrap();
         assert_eq!(a.since(0).len(), 1);
     }

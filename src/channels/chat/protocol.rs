@@ -75,7 +75,10 @@ pub fn parse(text: &str) -> Result<ClientFrame, String> {
         if msg.contains("unknown variant") {
             "unknown frame type (hello, message, typing, ping)".into()
         } else if msg.contains("missing field") || msg.contains("unknown field") {
-            msg.split(" at line").next().unwrap_or("bad frame").to_string()
+            msg.split(" at line")
+                .next()
+                .unwrap_or("bad frame")
+                .to_string()
         } else {
             "frame is not a JSON object with a known `type`".into()
         }

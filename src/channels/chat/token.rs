@@ -201,7 +201,10 @@ mod tests {
         };
         let t2 = rotated.issue("01S2", Some(&v));
         assert_eq!(old.verify_session(&t2), Err(TokenError::Invalid));
-        assert_eq!(rotated.verify_session(&t2).unwrap(), ("01S2".into(), Some(v)));
+        assert_eq!(
+            rotated.verify_session(&t2).unwrap(),
+            ("01S2".into(), Some(v))
+        );
     }
 
     #[test]
