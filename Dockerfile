@@ -37,6 +37,7 @@ RUN mkdir -p src loadtest/src benches \
 # The real sources. COPY keeps the files' original mtimes, which can be older than the stub
 # build: touch them so cargo rebuilds the crate instead of keeping the stub binary.
 COPY src src
+COPY static static
 COPY benches benches
 COPY loadtest/src loadtest/src
 COPY config config

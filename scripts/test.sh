@@ -15,13 +15,14 @@ log() { printf '== %s\n' "$*"; }
 
 # 1. System packages: a C toolchain, pkg-config and OpenSSL headers for rdkafka's bundled
 #    librdkafka; swaks (an SMTP test client the email tests drive); a Java 17 runtime and
-#    Maven for the broker.
+#    Maven for the broker; Debian's Chromium and ChromeDriver for the chat widget's browser test.
 missing=()
-for pkg in build-essential pkg-config libssl-dev swaks; do
+for pkg in build-essential pkg-config libssl-dev swaks chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -29,7 +30,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# 2. The broker: jars cached under .kafka/ (git-ignored), started on loopback, always stopped.
+# 2. The browser test's driver: playwright-core from npm (it drives the system Chromium; no
+#    browser download), pinned by tests/browser/package-lock.json.
+log "npm ci (tests/browser)"
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+export SWITCHBOARD_TEST_BROWSER=1
+
+# 3. The broker: jars cached under .kafka/ (git-ignored), started on loopback, always stopped.
 port=${KAFKA_TEST_PORT:-19092}
 broker_dir="$root/.kafka/test-broker"
 log "fetching Apache Kafka from Maven Central (cached after the first run)"
@@ -41,7 +48,7 @@ log "starting Kafka on 127.0.0.1:$port"
 bash scripts/kafka.sh start "$broker_dir" "$port"
 export SWITCHBOARD_TEST_KAFKA="127.0.0.1:$port"
 
-# 3. Format, lint, tests (unit tests, end-to-end tests against the broker, doc tests).
+# 4. Format, lint, tests (unit tests, end-to-end tests against the broker, doc tests).
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy -D warnings"

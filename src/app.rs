@@ -397,6 +397,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         let outboxes = Outboxes::new(
             cfg.chat.outbox_max_replies,
             cfg.chat.outbox_max_sessions,
+            cfg.chat.outbox_max_bytes,
             Duration::from_secs(cfg.chat.outbox_ttl_secs),
         );
         Some(Chat::new(

@@ -594,6 +594,8 @@ pub struct ChatConfig {
     pub outbox_ttl_secs: u64,
     /// Sessions whose outboxes are kept (connected or recently active); the oldest idle go first.
     pub outbox_max_sessions: usize,
+    /// Reply text held across all outboxes, in bytes.
+    pub outbox_max_bytes: usize,
     pub max_reply_chars: usize,
 }
 
@@ -624,6 +626,7 @@ impl Default for ChatConfig {
             outbox_max_replies: 64,
             outbox_ttl_secs: 86_400,
             outbox_max_sessions: 100_000,
+            outbox_max_bytes: 64 * 1024 * 1024,
             max_reply_chars: 4_000,
         }
     }
@@ -836,6 +839,7 @@ impl Config {
             ("chat.outbox_max_replies", c.outbox_max_replies as u64),
             ("chat.outbox_ttl_secs", c.outbox_ttl_secs),
             ("chat.outbox_max_sessions", c.outbox_max_sessions as u64),
+            ("chat.outbox_max_bytes", c.outbox_max_bytes as u64),
             ("chat.max_reply_chars", c.max_reply_chars as u64),
         ] {
             if v == 0 {

@@ -1,6 +1,9 @@
 //! A real websocket client (tokio-tungstenite) speaking the chat protocol, for the e2e tests.
 
+use super::*;
 use futures_util::{SinkExt, StreamExt};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -105,4 +108,42 @@ impl ChatClient {
 
 pub fn close_code(c: CloseCode) -> u16 {
     u16::from(c)
+}
+
+pub const CUSTOMER_SECRET: &str = "operator-app-secret-0123";
+pub const SESSION_SECRET: &str = "chat-session-secret-0123456789abcdef";
+
+/// A gateway on fresh complaints and replies topics (one partition each, so order is total).
+pub async fn chat_gateway(extra: &[(&str, String)]) -> (Gateway, String, String, String) {
+    let brokers = kafka_brokers();
+    let replies = unique("replies.e2e");
+    create_topic(&brokers, &replies, 1).await;
+    let mut env = vec![
+        ("SWITCHBOARD_KAFKA__REPLIES_TOPIC", replies.clone()),
+        (
+            "SWITCHBOARD_CHAT__SESSION_SECRETS",
+            format!("[\"{SESSION_SECRET}\"]"),
+        ),
+        (
+            "SWITCHBOARD_CHAT__CUSTOMER_TOKEN_SECRETS",
+            format!("[\"{CUSTOMER_SECRET}\"]"),
+        ),
+    ];
+    env.extend(extra.iter().cloned());
+    let (gw, brokers, topic) = gateway_with_topic(1, &env).await;
+    (gw, brokers, topic, replies)
+}
+
+pub async fn produce_reply(brokers: &str, topic: &str, key: &str, body: Value) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let payload = body.to_string();
+    p.send(
+        FutureRecord::to(topic).key(key).payload(&payload),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("reply produced");
 }

@@ -1,8 +1,9 @@
 //! Per-session reply outboxes: what the downstream answered, kept so a connected session gets
 //! it at once and a resumed session gets what it missed, exactly once (by `seq`).
 //!
-//! Bounded three ways: replies per session, sessions kept (idle ones are evicted oldest first;
-//! connected ones never), and text length per reply. A session's `seq` comes from the reply's
+//! Bounded: replies per session, sessions kept and total reply bytes (idle sessions are evicted
+//! oldest first at either cap; connected ones never, and past the byte cap a connected session
+//! keeps only its newest reply). A session's `seq` comes from the reply's
 //! origin (its Kafka offset + 1) when that is larger than the last one, so every instance reading
 //! the same partition numbers a session's replies alike.
 //!
@@ -64,12 +65,15 @@ struct Entry {
 struct Inner {
     sessions: HashMap<String, Entry>,
     customers: HashMap<String, HashSet<String>>,
+    /// Reply text bytes held across all sessions.
+    bytes: usize,
 }
 
 pub struct Outboxes {
     inner: Mutex<Inner>,
     max_replies: usize,
     max_sessions: usize,
+    max_bytes: usize,
     ttl: Duration,
 }
 
@@ -108,14 +112,21 @@ impl Attached {
 }
 
 impl Outboxes {
-    pub fn new(max_replies: usize, max_sessions: usize, ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        max_replies: usize,
+        max_sessions: usize,
+        max_bytes: usize,
+        ttl: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 sessions: HashMap::new(),
                 customers: HashMap::new(),
+                bytes: 0,
             }),
             max_replies: max_replies.max(1),
             max_sessions: max_sessions.max(1),
+            max_bytes: max_bytes.max(1),
             ttl,
         })
     }
@@ -175,7 +186,11 @@ impl Outboxes {
             if !g.sessions.contains_key(&s) {
                 self.make_room(&mut g);
             }
-            let e = g.sessions.entry(s).or_insert_with(|| Entry::new(None));
+            if g.bytes + text.len() > self.max_bytes {
+                self.evict_idle(&mut g, Some(&s));
+            }
+            let inner = &mut *g;
+            let e = inner.sessions.entry(s).or_insert_with(|| Entry::new(None));
             if let Some(id) = &reply_id {
                 if e.replies.iter().any(|r| r.reply_id.as_ref() == Some(id)) {
                     continue;
@@ -190,8 +205,14 @@ impl Outboxes {
                 reply_id: reply_id.clone(),
                 in_reply_to: in_reply_to.clone(),
             });
-            while e.replies.len() > self.max_replies {
-                e.replies.pop_front();
+            inner.bytes += text.len();
+            // Past the byte cap with nothing idle left to evict, this session keeps its newest.
+            while e.replies.len() > self.max_replies
+                || (inner.bytes > self.max_bytes && e.replies.len() > 1)
+            {
+                if let Some(old) = e.replies.pop_front() {
+                    inner.bytes -= old.text.len();
+                }
             }
             e.touched = Instant::now();
             e.last_seq.send_replace(seq);
@@ -235,10 +256,15 @@ impl Outboxes {
         if g.sessions.len() < self.max_sessions {
             return;
         }
+        self.evict_idle(g, None);
+    }
+
+    /// Evicts the oldest tenth of the idle sessions (never `keep`).
+    fn evict_idle(&self, g: &mut Inner, keep: Option<&str>) {
         let mut idle: Vec<(Instant, String)> = g
             .sessions
             .iter()
-            .filter(|(_, e)| e.connected == 0)
+            .filter(|(k, e)| e.connected == 0 && Some(k.as_str()) != keep)
             .map(|(k, e)| (e.touched, k.clone()))
             .collect();
         idle.sort_unstable();
@@ -266,6 +292,7 @@ impl Entry {
 
 fn remove(g: &mut Inner, session: &str) {
     if let Some(e) = g.sessions.remove(session) {
+        g.bytes -= e.replies.iter().map(|r| r.text.len()).sum::<usize>();
         if let Some(c) = e.customer {
             if let Some(set) = g.customers.get_mut(&c) {
                 set.remove(session);
@@ -293,7 +320,7 @@ mod tests {
 
     #[test]
     fn replies_queue_in_order_with_increasing_seq() {
-        let o = Outboxes::new(10, 100, Duration::from_secs(60));
+        let o = Outboxes::new(10, 100, 1 << 20, Duration::from_secs(60));
         let s = Target::Session("S1".into());
         assert_eq!(o.push(&s, reply("a", None, Some(5))), Pushed::Queued(1));
         assert_eq!(o.push(&s, reply("b", None, Some(9))), Pushed::Queued(1));
@@ -310,7 +337,7 @@ mod tests {
 
     #[test]
     fn same_reply_id_is_queued_once_and_outbox_is_bounded() {
-        let o = Outboxes::new(3, 100, Duration::from_secs(60));
+        let o = Outboxes::new(3, 100, 1 << 20, Duration::from_secs(60));
         let s = Target::Session("S1".into());
         assert_eq!(o.push(&s, reply("a", Some("r1"), None)), Pushed::Queued(1));
         assert_eq!(o.push(&s, reply("a", Some("r1"), None)), Pushed::Duplicate);
@@ -325,7 +352,7 @@ mod tests {
 
     #[test]
     fn customer_replies_reach_every_session_of_the_customer() {
-        let o = Outboxes::new(10, 100, Duration::from_secs(60));
+        let o = Outboxes::new(10, 100, 1 << 20, Duration::from_secs(60));
         let c = Target::Customer("+8613800138000".into());
         assert_eq!(o.push(&c, reply("x", None, None)), Pushed::NoSession);
         let a = o.attach("S1", Some("+8613800138000"));
@@ -337,7 +364,7 @@ mod tests {
 
     #[tokio::test]
     async fn attached_sessions_are_woken_and_never_evicted() {
-        let o = Outboxes::new(10, 10, Duration::from_secs(60));
+        let o = Outboxes::new(10, 10, 1 << 20, Duration::from_secs(60));
         let mut a = o.attach("KEEP", None);
         for i in 0..50 {
             o.push(&Target::Session(format!("S{i}")), reply("x", None, None));
@@ -352,8 +379,31 @@ mod tests {
     }
 
     #[test]
+    fn total_bytes_are_bounded_idle_sessions_go_first() {
+        let o = Outboxes::new(100, 1000, 1000, Duration::from_secs(60));
+        let held = o.attach("HELD", None);
+        for i in 0..20 {
+            o.push(
+                &Target::Session(format!("IDLE{i}")),
+                reply(&"x".repeat(100), None, None),
+            );
+        }
+        assert!(o.inner.lock().bytes <= 1000);
+        for _ in 0..30 {
+            o.push(
+                &Target::Session("HELD".into()),
+                reply(&"y".repeat(100), None, None),
+            );
+        }
+        let g = o.inner.lock();
+        assert!(g.bytes <= 1000, "{}", g.bytes);
+        drop(g);
+        assert!(!held.since(0).is_empty());
+    }
+
+    #[test]
     fn idle_sessions_expire_after_the_ttl_but_connected_ones_stay() {
-        let o = Outboxes::new(10, 100, Duration::ZERO);
+        let o = Outboxes::new(10, 100, 1 << 20, Duration::ZERO);
         o.push(&Target::Session("IDLE".into()), reply("x", None, None));
         let _held = o.attach("HELD", Some("c"));
         assert_eq!(o.sweep(), 1);
