@@ -460,3 +460,96 @@ async fn a_thousand_concurrent_sessions_each_get_their_ack() {
         .collect();
     assert_eq!(found, ids, "every acknowledged message is in Kafka, once");
 }
+
+/// Two instances on the same topics and session secret: a session started on one resumes on the
+/// other, which read the same replies and numbers them alike.
+#[tokio::test]
+async fn a_session_resumes_on_another_instance() {
+    let (a, brokers, topic, replies) = chat_gateway(&[]).await;
+    let b = Gateway::start(&[
+        ("SWITCHBOARD_KAFKA__BROKERS", brokers.clone()),
+        ("SWITCHBOARD_KAFKA__TOPIC", topic.clone()),
+        ("SWITCHBOARD_KAFKA__REPLIES_TOPIC", replies.clone()),
+        (
+            "SWITCHBOARD_CHAT__SESSION_SECRETS",
+            format!("[\"{}\"]", common::chat::SESSION_SECRET),
+        ),
+    ])
+    .await;
+    b.wait_ready(true).await;
+
+    let mut c = ChatClient::connect(&a.http).await;
+    let w = c.hello(json!({})).await;
+    let sid = w["session_id"].as_str().unwrap().to_string();
+    c.message("m-1", "instance A").await;
+    produce_reply(
+        &brokers,
+        &replies,
+        &sid,
+        json!({"session_id": sid, "text": "r1"}),
+    )
+    .await;
+    let r1 = c.expect("reply").await;
+    drop(c);
+
+    // Both instances read the reply; B numbers it as A did.
+    b.wait_metric(
+        "switchboard_chat_replies_total",
+        &[("outcome", "queued")],
+        1.0,
+    )
+    .await;
+    let mut c = ChatClient::connect(&b.http).await;
+    let w = c
+        .hello(json!({"token": w["token"], "last_seq": r1["seq"]}))
+        .await;
+    assert_eq!(w["session_id"], sid.as_str());
+    assert_eq!(w["resumed"], true);
+    assert_eq!(w["last_seq"], r1["seq"]);
+    c.nothing_pending().await;
+    produce_reply(
+        &brokers,
+        &replies,
+        &sid,
+        json!({"session_id": sid, "text": "r2"}),
+    )
+    .await;
+    let r2 = c.expect("reply").await;
+    assert_eq!(r2["text"], "r2");
+    assert!(r2["seq"].as_u64() > r1["seq"].as_u64());
+    let ack = c.message("m-2", "instance B").await;
+    assert_eq!(ack["duplicate"], false);
+    let records = records_until_sentinel(&a, &brokers, &topic).await;
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r["conversation"]["thread_id"] == sid.as_str()));
+}
+
+/// A client that stops reading is cut after the write timeout instead of being buffered for.
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_not_buffered() {
+    let (gw, brokers, _, replies) = chat_gateway(&[
+        ("SWITCHBOARD_CHAT__WRITE_TIMEOUT_MS", "300".into()),
+        ("SWITCHBOARD_CHAT__OUTBOX_MAX_REPLIES", "1000".into()),
+        ("SWITCHBOARD_CHAT__MAX_REPLY_CHARS", "200000".into()),
+    ])
+    .await;
+    let mut c = ChatClient::connect(&gw.http).await;
+    let w = c.hello(json!({})).await;
+    let sid = w["session_id"].as_str().unwrap().to_string();
+    // 25 MB of replies: more than the socket buffers on both sides hold.
+    let big = "x".repeat(100_000);
+    let bodies = (0..250)
+        .map(|i| json!({"session_id": sid, "text": big, "reply_id": format!("big{i}")}))
+        .collect();
+    common::chat::produce_replies(&brokers, &replies, &sid, bodies).await;
+    gw.wait_metric(
+        "switchboard_chat_closes_total",
+        &[("reason", "slow_reader")],
+        1.0,
+    )
+    .await;
+    gw.wait_metric("switchboard_chat_sessions", &[], 0.0).await;
+    drop(c);
+}

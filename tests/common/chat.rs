@@ -147,3 +147,21 @@ pub async fn produce_reply(brokers: &str, topic: &str, key: &str, body: Value) {
     .await
     .expect("reply produced");
 }
+
+/// Produces many replies with one producer, all in flight at once.
+pub async fn produce_replies(brokers: &str, topic: &str, key: &str, bodies: Vec<Value>) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let payloads: Vec<String> = bodies.iter().map(|b| b.to_string()).collect();
+    let sends = payloads.iter().map(|payload| {
+        p.send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+    });
+    for r in futures_util::future::join_all(sends).await {
+        r.expect("reply produced");
+    }
+}

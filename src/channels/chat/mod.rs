@@ -111,10 +111,14 @@ impl Chat {
         if cfg.session_secrets.is_empty() {
             tracing::warn!("chat.session_secrets is empty: a random secret is used, so chat sessions cannot resume across restarts or instances");
         }
+        // Frames are written eagerly (write_buffer_size 0) and each send waits for its flush, so
+        // the write buffer holds at most one frame: the largest reply (4 bytes a character at
+        // worst, plus the JSON around it) or error.
+        let largest_frame = cfg.max_reply_chars * 4 + 4096;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0)
-            .max_write_buffer_size(cfg.max_message_bytes + 16 * 1024)
+            .max_write_buffer_size(largest_frame + 16 * 1024)
             .max_frame_size(Some(cfg.max_frame_bytes))
             .max_message_size(Some(cfg.max_message_bytes));
         Arc::new(Self {
@@ -381,6 +385,7 @@ impl Session {
         let wt = Duration::from_millis(self.chat.cfg.write_timeout_ms);
         match tokio::time::timeout(wt, self.ws.send(msg)).await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(WsError::WriteBufferFull(_))) => Err(End::SlowReader),
             Ok(Err(_)) => Err(End::Client),
             Err(_) => Err(End::SlowReader),
         }
