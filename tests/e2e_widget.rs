@@ -82,7 +82,16 @@ async fn the_widget_chats_acknowledges_shows_replies_and_resumes_in_chromium() {
         "SWITCHBOARD_TEST_BROWSER is not set: run the suite with scripts/test.sh (it installs Chromium and the Playwright driver)"
     );
     let (gw, brokers, topic, replies) = chat_gateway(&[]).await;
-    let mut d = Driver::start(&format!("{}/chat", gw.http), gw.dir.path());
+    // Opened the way an operator's app embeds it for a logged-in customer: the token in the
+    // fragment (never sent to a server), presented in the hello.
+    let customer = switchboard::channels::chat::token::sign_customer_token(
+        common::chat::CUSTOMER_SECRET,
+        &json!({"phone": "13900139000", "name": "李雷", "exp": chrono::Utc::now().timestamp() + 600}),
+    );
+    let mut d = Driver::start(
+        &format!("{}/chat#customer_token={customer}", gw.http),
+        gw.dir.path(),
+    );
 
     let ready = d.event("ready").await;
     let sid = ready["session_id"].as_str().unwrap().to_string();
@@ -166,6 +175,8 @@ async fn the_widget_chats_acknowledges_shows_replies_and_resumes_in_chromium() {
     for r in &records {
         assert_eq!(r["conversation"]["thread_id"], sid.as_str());
         assert_eq!(r["channel"], "chat");
+        assert_eq!(r["customer"]["phone"], "+8613900139000");
+        assert_eq!(r["metadata"]["chat_customer"], "verified");
     }
     assert!(records
         .iter()
