@@ -442,6 +442,13 @@ async fn a_thousand_concurrent_sessions_each_get_their_ack() {
         N as f64,
         "all sessions open at once"
     );
+    // A figure for the record (debug build), not an assertion: memory with N sessions open.
+    if let Some(pid) = gw.child.id() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(rss) = status.lines().find(|l| l.starts_with("VmRSS")) {
+            eprintln!("{N} chat sessions open: gateway {rss}");
+        }
+    }
     barrier.wait().await;
     let mut sessions = HashSet::new();
     let mut ids = HashSet::new();
@@ -552,4 +559,47 @@ async fn a_client_that_never_reads_is_cut_not_buffered() {
     .await;
     gw.wait_metric("switchboard_chat_sessions", &[], 0.0).await;
     drop(c);
+}
+
+/// Heartbeats, the idle timeout and the per-source limit on upgrades (no Kafka needed).
+#[tokio::test]
+async fn idle_and_silent_peers_are_closed_and_upgrade_storms_get_429() {
+    let gw = Gateway::start(&[
+        ("SWITCHBOARD_CHAT__IDLE_TIMEOUT_SECS", "1".into()),
+        ("SWITCHBOARD_CHAT__HEARTBEAT_SECS", "1".into()),
+    ])
+    .await;
+    // A client that reads (and so answers pings) but says nothing: closed as idle with 1000.
+    let mut c = ChatClient::connect(&gw.http).await;
+    c.hello(json!({})).await;
+    assert_eq!(c.closed().await, Closed::Code(1000));
+
+    // A client that never reads never answers a ping: dropped as a dead peer.
+    let gw = Gateway::start(&[("SWITCHBOARD_CHAT__HEARTBEAT_SECS", "1".into())]).await;
+    let mut c = ChatClient::connect(&gw.http).await;
+    c.hello(json!({})).await;
+    gw.wait_metric(
+        "switchboard_chat_closes_total",
+        &[("reason", "dead_peer")],
+        1.0,
+    )
+    .await;
+    drop(c);
+
+    // Upgrades count against the source address's limit: a storm gets 429 + Retry-After.
+    let gw = Gateway::start(&[
+        ("SWITCHBOARD_LIMITS__PER_SOURCE__PER_SECOND", "0.1".into()),
+        ("SWITCHBOARD_LIMITS__PER_SOURCE__BURST", "2".into()),
+    ])
+    .await;
+    let _a = ChatClient::connect(&gw.http).await;
+    let _b = ChatClient::connect(&gw.http).await;
+    match ChatClient::try_connect(&gw.http).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 429);
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("third upgrade accepted over a burst of 2"),
+    }
 }
