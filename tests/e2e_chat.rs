@@ -109,25 +109,13 @@ async fn replies_arrive_live_and_missed_ones_exactly_once_on_resume() {
 
     // Offline: two replies and a producer retry of the second.
     drop(c);
-    produce_reply(
+    let second = json!({"session_id": sid, "text": "second", "reply_id": "r2"});
+    let third = json!({"session_id": sid, "text": "third 🙏", "reply_id": "r3"});
+    common::chat::produce_replies(
         &brokers,
         &replies,
         &sid,
-        json!({"session_id": sid, "text": "second", "reply_id": "r2"}),
-    )
-    .await;
-    produce_reply(
-        &brokers,
-        &replies,
-        &sid,
-        json!({"session_id": sid, "text": "second", "reply_id": "r2"}),
-    )
-    .await;
-    produce_reply(
-        &brokers,
-        &replies,
-        &sid,
-        json!({"session_id": sid, "text": "third 🙏", "reply_id": "r3"}),
+        vec![second.clone(), second, third],
     )
     .await;
     replies_counted(&gw, "queued", 3.0).await;
