@@ -44,7 +44,12 @@ pub enum ReplyError {
     NoTarget,
     #[error("reply text is empty")]
     Empty,
+    #[error("session_id, customer_key, reply_id or in_reply_to is longer than 128 bytes")]
+    FieldTooLong,
 }
+
+/// Longest id (session, customer key, reply id, record id) a reply may carry.
+pub const MAX_ID_BYTES: usize = 128;
 
 /// Decodes one reply: its target and what the outbox keeps. `key` (the Kafka key) addresses a
 /// session when the body names none; `timestamp_ms` fills `at` when the body has none.
@@ -57,11 +62,16 @@ pub fn decode(
 ) -> Result<(Target, Incoming), ReplyError> {
     let m: ReplyMessage = serde_json::from_slice(payload).map_err(|_| ReplyError::NotJson)?;
     let nonempty = |s: Option<String>| s.filter(|v| !v.trim().is_empty());
+    for f in [&m.session_id, &m.customer_key, &m.reply_id, &m.in_reply_to] {
+        if f.as_ref().is_some_and(|v| v.len() > MAX_ID_BYTES) {
+            return Err(ReplyError::FieldTooLong);
+        }
+    }
     let target = match (nonempty(m.session_id), nonempty(m.customer_key)) {
         (Some(s), _) => Target::Session(s),
         (None, Some(c)) => Target::Customer(c),
         (None, None) => match key.and_then(|k| std::str::from_utf8(k).ok()) {
-            Some(k) if !k.is_empty() => Target::Session(k.to_string()),
+            Some(k) if !k.is_empty() && k.len() <= MAX_ID_BYTES => Target::Session(k.to_string()),
             _ => return Err(ReplyError::NoTarget),
         },
     };
@@ -69,8 +79,10 @@ pub fn decode(
     if text.is_empty() {
         return Err(ReplyError::Empty);
     }
+    // Re-formatted, so its length is fixed whatever the producer sent.
     let at =
-        m.at.filter(|a| chrono::DateTime::parse_from_rfc3339(a).is_ok())
+        m.at.and_then(|a| chrono::DateTime::parse_from_rfc3339(&a).ok())
+            .map(|t| crate::record::rfc3339_ms(t.with_timezone(&chrono::Utc)))
             .or_else(|| {
                 timestamp_ms
                     .and_then(chrono::DateTime::from_timestamp_millis)
@@ -281,6 +293,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.text, "abcde");
-        assert_eq!(r.at, "2026-01-01T00:00:00Z");
+        assert_eq!(r.at, "2026-01-01T00:00:00.000Z");
+        let long = "x".repeat(129);
+        for field in ["session_id", "customer_key", "reply_id", "in_reply_to"] {
+            let body = serde_json::json!({"session_id": "S", field: long, "text": "t"});
+            assert_eq!(
+                decode(body.to_string().as_bytes(), None, None, 0, 10).unwrap_err(),
+                ReplyError::FieldTooLong,
+                "{field}"
+            );
+        }
+        let (_, r) = decode(
+            br#"{"session_id":"S","text":"t","at":"2026-01-01T08:00:00.123456789123456789+08:00"}"#,
+            None,
+            None,
+            0,
+            5,
+        )
+        .unwrap();
+        assert_eq!(r.at, "2026-01-01T00:00:00.123Z");
     }
 }

@@ -202,10 +202,10 @@ async fn logged_in_customers_are_identified_by_the_operator_token() {
         CUSTOMER_SECRET,
         &json!({"sub": "C-1", "exp": 1_000}),
     );
-    for bad in [
-        json!({"customer_token": forged}),
-        json!({"customer_token": expired}),
-        json!({"token": "eyJhbGciOiJIUzI1NiJ9.e30.x"}),
+    for (bad, code) in [
+        (json!({"customer_token": forged}), "bad_customer_token"),
+        (json!({"customer_token": expired}), "bad_customer_token"),
+        (json!({"token": "eyJhbGciOiJIUzI1NiJ9.e30.x"}), "bad_token"),
     ] {
         let mut c = ChatClient::connect(&gw.http).await;
         c.send({
@@ -215,9 +215,21 @@ async fn logged_in_customers_are_identified_by_the_operator_token() {
         })
         .await;
         let e = c.expect("error").await;
-        assert_eq!(e["code"], "bad_token");
+        assert_eq!(e["code"], code);
         assert_eq!(c.closed().await, Closed::Code(1008));
     }
+
+    // Another customer's token never takes over this customer's session: a new one starts.
+    let other = switchboard::channels::chat::token::sign_customer_token(
+        CUSTOMER_SECRET,
+        &json!({"sub": "C-99", "exp": exp}),
+    );
+    let mut c = ChatClient::connect(&gw.http).await;
+    let w2 = c
+        .hello(json!({"token": w["token"], "customer_token": other}))
+        .await;
+    assert_eq!(w2["resumed"], false);
+    assert_ne!(w2["session_id"], w["session_id"]);
     gw.assert_log_has_none_of(&["13800138000", "张三", "手机没有信号"]);
 }
 

@@ -124,6 +124,8 @@ async function run(browser, url) {
     const root = document.querySelector('#sb-chat');
     return root && root.getAttribute('data-state') === 'open' && root.getAttribute('data-session-id');
   });
+  // A customer token handed over in the fragment must not stay in the address bar.
+  if (page.url().includes('customer_token')) fail(`the customer token stayed in the URL: ${page.url()}`);
   emit({ event: 'ready', session_id: sid });
 
   // b. first complaint typed and sent with the button

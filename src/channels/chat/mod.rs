@@ -52,7 +52,8 @@ pub const CHANNEL: &str = "chat";
 pub const PROVIDER: &str = "webchat";
 pub const SUBPROTOCOL: &str = "switchboard.chat.v1";
 const WIDGET: &str = include_str!("../../../static/chat.html");
-const WIDGET_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors *";
+/// The widget talks only to its own origin; who may frame it follows `chat.allowed_origins`.
+const WIDGET_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors";
 
 pub struct Chat {
     cfg: ChatConfig,
@@ -63,6 +64,7 @@ pub struct Chat {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     ws_config: WebSocketConfig,
+    widget_csp: HeaderValue,
 }
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -121,7 +123,15 @@ impl Chat {
             .max_write_buffer_size(largest_frame + 16 * 1024)
             .max_frame_size(Some(cfg.max_frame_bytes))
             .max_message_size(Some(cfg.max_message_bytes));
+        let ancestors = if cfg.allowed_origins.is_empty() {
+            "*".to_string()
+        } else {
+            cfg.allowed_origins.join(" ")
+        };
+        let widget_csp = HeaderValue::from_str(&format!("{WIDGET_CSP} {ancestors}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(WIDGET_CSP));
         Arc::new(Self {
+            widget_csp,
             tokens: Tokens::new(
                 &cfg.session_secrets,
                 &cfg.customer_token_secrets,
@@ -170,10 +180,7 @@ impl Chat {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
         );
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(WIDGET_CSP),
-        );
+        h.insert(header::CONTENT_SECURITY_POLICY, self.widget_csp.clone());
         h.insert(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -335,7 +342,7 @@ struct Established {
     lang: Option<String>,
 }
 
-type Submitted = JoinHandle<(String, Result<Accepted, Rejection>)>;
+type Submitted = futures_util::future::BoxFuture<'static, (String, Result<Accepted, Rejection>)>;
 
 struct Session {
     chat: Arc<Chat>,
@@ -446,7 +453,15 @@ impl Session {
     async fn hello(&mut self) -> Result<(Established, u64), End> {
         let deadline = Instant::now() + Duration::from_secs(self.chat.cfg.hello_timeout_secs);
         let hello = loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await;
+            let shutdown = self.chat.shutdown.clone();
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return Err(self
+                        .close(CloseCode::Away, "gateway shutting down", End::Shutdown)
+                        .await);
+                }
+                n = tokio::time::timeout_at(deadline, self.ws.next()) => n,
+            };
             let msg = match next {
                 Err(_) => {
                     let _ = self
@@ -516,8 +531,8 @@ impl Session {
                 let from = if resumed { last_seq.unwrap_or(0) } else { 0 };
                 Ok((est, from))
             }
-            Err(message) => {
-                let _ = self.error("bad_token", message, None, None).await;
+            Err((code, message)) => {
+                let _ = self.error(code, message, None, None).await;
                 Err(self
                     .close(CloseCode::Policy, "bad token", End::BadToken)
                     .await)
@@ -531,28 +546,40 @@ impl Session {
         token: Option<String>,
         customer_token: Option<String>,
         lang: Option<String>,
-    ) -> Result<(Established, bool, Option<Verified>), &'static str> {
+    ) -> Result<(Established, bool, Option<Verified>), (&'static str, &'static str)> {
         let tokens = &self.chat.tokens;
         let from_app = match customer_token.as_deref().filter(|t| !t.is_empty()) {
-            Some(t) => Some(
-                tokens
-                    .verify_customer(t)
-                    .map_err(|_| "customer token is invalid, expired or not accepted here")?,
-            ),
+            Some(t) => Some(tokens.verify_customer(t).map_err(|_| {
+                (
+                    "bad_customer_token",
+                    "customer token is invalid, expired or not accepted here",
+                )
+            })?),
             None => None,
         };
         let (session_id, resumed, from_session) = match token.as_deref().filter(|t| !t.is_empty()) {
             Some(t) => {
-                let (sid, cust) = tokens
-                    .verify_session(t)
-                    .map_err(|_| "session token is invalid or expired; start a new session")?;
+                let (sid, cust) = tokens.verify_session(t).map_err(|_| {
+                    (
+                        "bad_token",
+                        "session token is invalid or expired; start a new session",
+                    )
+                })?;
                 (sid, true, cust)
             }
             None => (ulid::Ulid::new().to_string(), false, None),
         };
+        // A different customer's token never takes over a session: it starts a new one.
+        let (session_id, resumed) = match (&from_app, &from_session) {
+            (Some(a), Some(s)) if a.phone != s.phone || a.cid != s.cid => {
+                (ulid::Ulid::new().to_string(), false)
+            }
+            (Some(_), None) if resumed => (ulid::Ulid::new().to_string(), false),
+            _ => (session_id, resumed),
+        };
         let customer = from_app.or(from_session);
         if customer.is_none() && !self.chat.cfg.allow_anonymous {
-            return Err("a customer token is required");
+            return Err(("bad_customer_token", "a customer token is required"));
         }
         let identity = match &customer {
             Some(v) => RawIdentity {
@@ -576,7 +603,12 @@ impl Session {
             .pipeline
             .normalizer()
             .normalize(identity.clone())
-            .map_err(|_| "customer token carries a phone number that is not valid")?;
+            .map_err(|_| {
+                (
+                    "bad_customer_token",
+                    "customer token carries a phone number that is not valid",
+                )
+            })?;
         let lang = lang
             .filter(|l| (2..=16).contains(&l.len()))
             .filter(|l| l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
@@ -661,7 +693,8 @@ impl Session {
                         }
                     }
                     _ = tick.tick() => {
-                        if self.last_heard.elapsed() > heartbeat * 2 {
+                        // While reading is paused (max_in_flight) pongs wait unread: not a dead peer.
+                        if inflight.len() < cfg.max_in_flight && self.last_heard.elapsed() > heartbeat * 2 {
                             return Ok(End::DeadPeer);
                         }
                         self.send(Message::Ping(Bytes::new())).await?;
@@ -745,6 +778,10 @@ impl Session {
                     )
                     .await?;
                     if self.violations >= self.chat.cfg.max_violations {
+                        // Acknowledge what was already accepted before closing.
+                        while let Some(done) = inflight.next().await {
+                            self.acknowledge(done).await?;
+                        }
                         return Ok(Some(
                             self.close(CloseCode::Policy, "message rate abuse", End::Abuse)
                                 .await,
@@ -808,26 +845,30 @@ impl Session {
         }
         let pipeline = self.chat.pipeline.clone();
         let ctx = self.ctx.clone();
-        self.chat.tracker.spawn(async move {
-            let r = pipeline.submit(&ctx, vec![intake]).await.and_then(|mut v| {
+        let id = client_msg_id.clone();
+        let task: JoinHandle<Result<Accepted, Rejection>> = self.chat.tracker.spawn(async move {
+            pipeline.submit(&ctx, vec![intake]).await.and_then(|mut v| {
                 v.pop()
                     .ok_or_else(|| Rejection::new(Reason::Internal, "no answer for the message"))
+            })
+        });
+        Box::pin(async move {
+            let r = task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "chat submission task failed");
+                Err(Rejection::new(
+                    Reason::Internal,
+                    "the message could not be processed; resend it",
+                )
+                .retry_after(Duration::from_secs(1)))
             });
-            (client_msg_id, r)
+            (id, r)
         })
     }
 
     async fn acknowledge(
         &mut self,
-        done: Result<(String, Result<Accepted, Rejection>), tokio::task::JoinError>,
+        (id, result): (String, Result<Accepted, Rejection>),
     ) -> Result<(), End> {
-        let (id, result) = match done {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %e, "chat submission task failed");
-                return Ok(());
-            }
-        };
         match result {
             Ok(a) => {
                 metrics::counter!(telemetry::CHAT_MESSAGES, "outcome" => if a.duplicate { "duplicate" } else { "acked" })

@@ -65,8 +65,32 @@ struct Entry {
 struct Inner {
     sessions: HashMap<String, Entry>,
     customers: HashMap<String, HashSet<String>>,
-    /// Reply text bytes held across all sessions.
+    /// Bytes of replies held across all sessions (`Reply::weight`).
     bytes: usize,
+    /// Sessions with no connection (the only ones that may be evicted).
+    idle: usize,
+}
+
+impl Reply {
+    /// What a reply costs in memory, roughly: its strings plus bookkeeping.
+    fn weight(&self) -> usize {
+        64 + self.text.len()
+            + self.at.len()
+            + self.reply_id.as_ref().map_or(0, |r| r.len())
+            + self.in_reply_to.as_ref().map_or(0, |r| r.len())
+    }
+}
+
+impl Inner {
+    /// The session's entry, created idle if new.
+    fn entry(&mut self, session: &str) -> &mut Entry {
+        if !self.sessions.contains_key(session) {
+            self.idle += 1;
+        }
+        self.sessions
+            .entry(session.to_string())
+            .or_insert_with(|| Entry::new(None))
+    }
 }
 
 pub struct Outboxes {
@@ -87,9 +111,14 @@ pub struct Attached {
 impl Drop for Attached {
     fn drop(&mut self) {
         let mut g = self.outboxes.inner.lock();
+        let mut now_idle = false;
         if let Some(e) = g.sessions.get_mut(&self.session) {
             e.connected = e.connected.saturating_sub(1);
             e.touched = Instant::now();
+            now_idle = e.connected == 0;
+        }
+        if now_idle {
+            g.idle += 1;
         }
     }
 }
@@ -123,6 +152,7 @@ impl Outboxes {
                 sessions: HashMap::new(),
                 customers: HashMap::new(),
                 bytes: 0,
+                idle: 0,
             }),
             max_replies: max_replies.max(1),
             max_sessions: max_sessions.max(1),
@@ -135,13 +165,15 @@ impl Outboxes {
     pub fn attach(self: &Arc<Self>, session: &str, customer: Option<&str>) -> Attached {
         let mut g = self.inner.lock();
         self.make_room(&mut g);
-        let e = g
-            .sessions
-            .entry(session.to_string())
-            .or_insert_with(|| Entry::new(None));
+        let e = g.entry(session);
+        let was_idle = e.connected == 0;
         e.connected += 1;
         e.touched = Instant::now();
         let changed = e.last_seq.subscribe();
+        if was_idle {
+            g.idle -= 1;
+        }
+        let e = g.sessions.get_mut(session).expect("just attached");
         if let Some(c) = customer {
             if e.customer.is_none() {
                 e.customer = Some(c.to_string());
@@ -178,6 +210,14 @@ impl Outboxes {
             },
         };
         let text: Arc<str> = reply.text.into();
+        let weight = Reply {
+            seq: 0,
+            text: text.clone(),
+            at: reply.at.as_str().into(),
+            reply_id: reply.reply_id.as_deref().map(Into::into),
+            in_reply_to: reply.in_reply_to.as_deref().map(Into::into),
+        }
+        .weight();
         let at: Arc<str> = reply.at.into();
         let reply_id: Option<Arc<str>> = reply.reply_id.map(Into::into);
         let in_reply_to: Option<Arc<str>> = reply.in_reply_to.map(Into::into);
@@ -186,11 +226,18 @@ impl Outboxes {
             if !g.sessions.contains_key(&s) {
                 self.make_room(&mut g);
             }
-            if g.bytes + text.len() > self.max_bytes {
-                self.evict_idle(&mut g, Some(&s));
+            if g.bytes + weight > self.max_bytes {
+                // Down to 90 % of the cap, so the next pushes do not scan again.
+                let target = self.max_bytes / 10 * 9;
+                self.evict_idle(
+                    &mut g,
+                    Some(&s),
+                    Evict::UntilBytes(target.saturating_sub(weight)),
+                );
             }
+            g.entry(&s);
             let inner = &mut *g;
-            let e = inner.sessions.entry(s).or_insert_with(|| Entry::new(None));
+            let e = inner.sessions.get_mut(&s).expect("entry exists");
             if let Some(id) = &reply_id {
                 if e.replies.iter().any(|r| r.reply_id.as_ref() == Some(id)) {
                     continue;
@@ -205,13 +252,13 @@ impl Outboxes {
                 reply_id: reply_id.clone(),
                 in_reply_to: in_reply_to.clone(),
             });
-            inner.bytes += text.len();
+            inner.bytes += weight;
             // Past the byte cap with nothing idle left to evict, this session keeps its newest.
             while e.replies.len() > self.max_replies
                 || (inner.bytes > self.max_bytes && e.replies.len() > 1)
             {
                 if let Some(old) = e.replies.pop_front() {
-                    inner.bytes -= old.text.len();
+                    inner.bytes -= old.weight();
                 }
             }
             e.touched = Instant::now();
@@ -256,11 +303,18 @@ impl Outboxes {
         if g.sessions.len() < self.max_sessions {
             return;
         }
-        self.evict_idle(g, None);
+        self.evict_idle(g, None, Evict::Count((self.max_sessions / 10).max(1)));
     }
 
-    /// Evicts the oldest tenth of the idle sessions (never `keep`).
-    fn evict_idle(&self, g: &mut Inner, keep: Option<&str>) {
+    /// Evicts idle sessions, oldest first (never `keep`): a number of them, or until the held
+    /// bytes are down to a target. Returns at once when nothing is idle.
+    fn evict_idle(&self, g: &mut Inner, keep: Option<&str>, how: Evict) {
+        let keep_idle = keep
+            .and_then(|k| g.sessions.get(k))
+            .is_some_and(|e| e.connected == 0);
+        if g.idle <= usize::from(keep_idle) {
+            return;
+        }
         let mut idle: Vec<(Instant, String)> = g
             .sessions
             .iter()
@@ -268,14 +322,28 @@ impl Outboxes {
             .map(|(k, e)| (e.touched, k.clone()))
             .collect();
         idle.sort_unstable();
-        let n = (self.max_sessions / 10).max(1).min(idle.len());
-        for (_, k) in idle.into_iter().take(n) {
+        let mut n = 0;
+        for (_, k) in idle {
+            let done = match how {
+                Evict::Count(c) => n >= c,
+                Evict::UntilBytes(b) => g.bytes <= b,
+            };
+            if done {
+                break;
+            }
             remove(g, &k);
+            n += 1;
         }
         if n > 0 {
             metrics::counter!(crate::telemetry::CHAT_OUTBOX_EVICTIONS).increment(n as u64);
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Evict {
+    Count(usize),
+    UntilBytes(usize),
 }
 
 impl Entry {
@@ -292,7 +360,10 @@ impl Entry {
 
 fn remove(g: &mut Inner, session: &str) {
     if let Some(e) = g.sessions.remove(session) {
-        g.bytes -= e.replies.iter().map(|r| r.text.len()).sum::<usize>();
+        g.bytes -= e.replies.iter().map(Reply::weight).sum::<usize>();
+        if e.connected == 0 {
+            g.idle -= 1;
+        }
         if let Some(c) = e.customer {
             if let Some(set) = g.customers.get_mut(&c) {
                 set.remove(session);
@@ -381,6 +452,7 @@ mod tests {
     #[test]
     fn total_bytes_are_bounded_idle_sessions_go_first() {
         let o = Outboxes::new(100, 1000, 1000, Duration::from_secs(60));
+        assert_eq!(o.inner.lock().idle, 0);
         let held = o.attach("HELD", None);
         for i in 0..20 {
             o.push(
@@ -399,6 +471,18 @@ mod tests {
         assert!(g.bytes <= 1000, "{}", g.bytes);
         drop(g);
         assert!(!held.since(0).is_empty());
+        // The idle count matches the table: nothing leaked either way.
+        drop(held);
+        let g = o.inner.lock();
+        let idle = g.sessions.values().filter(|e| e.connected == 0).count();
+        assert_eq!(g.idle, idle);
+        let bytes: usize = g
+            .sessions
+            .values()
+            .flat_map(|e| e.replies.iter())
+            .map(Reply::weight)
+            .sum();
+        assert_eq!(g.bytes, bytes);
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct Verified {
     pub cid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// When the operator's token expires: sessions carrying this identity expire with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
 }
 
 impl Verified {
@@ -40,6 +43,7 @@ struct SessionClaims {
 
 #[derive(Debug, Deserialize)]
 struct CustomerClaims {
+    exp: u64,
     #[serde(default)]
     sub: Option<String>,
     #[serde(default)]
@@ -106,7 +110,7 @@ impl Tokens {
             typ: SESSION_TYP.into(),
             cust: customer.cloned(),
             iat: now,
-            exp: now + self.ttl_secs,
+            exp: (now + self.ttl_secs).min(customer.and_then(|c| c.until).unwrap_or(u64::MAX)),
         };
         encode(
             &Header::new(Algorithm::HS256),
@@ -149,6 +153,7 @@ impl Tokens {
                     phone: c.phone.filter(|p| !p.trim().is_empty()),
                     cid: c.sub.filter(|s| !s.trim().is_empty()),
                     name: c.name.filter(|n| !n.trim().is_empty()),
+                    until: Some(c.exp),
                 };
                 if v.is_empty() {
                     return Err(TokenError::NoIdentity);
@@ -198,6 +203,7 @@ mod tests {
             phone: Some("+8613800138000".into()),
             cid: None,
             name: None,
+            until: None,
         };
         let t2 = rotated.issue("01S2", Some(&v));
         assert_eq!(old.verify_session(&t2), Err(TokenError::Invalid));
@@ -248,6 +254,26 @@ mod tests {
         let same = Tokens::new(&[S1.into()], &[S1.into()], 60);
         let session = same.issue("01S", Some(&v));
         assert!(same.verify_customer(&session).is_err());
+        // The session lives no longer than the operator's token.
+        let short = sign_customer_token(
+            C1,
+            &serde_json::json!({"sub": "C-1", "exp": now_secs() + 5}),
+        );
+        let v = t.verify_customer(&short).unwrap();
+        let session = t.issue("01S", Some(&v));
+        let (_, cust) = t.verify_session(&session).unwrap();
+        assert_eq!(cust.unwrap().until, v.until);
+        let exp: u64 = {
+            use base64::Engine;
+            let claims = session.split('.').nth(1).unwrap();
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&raw).unwrap()["exp"]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(Some(exp), v.until);
         let unconfigured = Tokens::new(&[S1.into()], &[], 60);
         assert_eq!(
             unconfigured.verify_customer(&good),
