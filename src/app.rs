@@ -297,6 +297,41 @@ fn routes(
             Arc::new(EmailInbound::new(&cfg.email, email.clone())),
         ),
         exact(
+            crate::channels::wechat::ROUTE,
+            Arc::new(crate::channels::wechat::Wechat::new(
+                cfg.wechat.clone(),
+                pipeline.normalizer().clone(),
+            )?),
+        ),
+        exact(
+            crate::channels::weibo::ROUTE,
+            Arc::new(crate::channels::weibo::Weibo::new(
+                cfg.weibo.clone(),
+                pipeline.normalizer().clone(),
+            )?),
+        ),
+        exact(
+            crate::channels::meta::ROUTE,
+            Arc::new(crate::channels::meta::Meta::new(
+                cfg.meta.clone(),
+                pipeline.normalizer().clone(),
+            )?),
+        ),
+        exact(
+            crate::channels::telegram::ROUTE,
+            Arc::new(crate::channels::telegram::Telegram::new(
+                cfg.telegram.clone(),
+                pipeline.normalizer().clone(),
+            )?),
+        ),
+        exact(
+            crate::channels::x::ROUTE,
+            Arc::new(crate::channels::x::X::new(
+                cfg.x.clone(),
+                pipeline.normalizer().clone(),
+            )?),
+        ),
+        exact(
             "/hooks/smpp",
             Arc::new(Smpp::new(
                 cfg.smpp.clone(),

@@ -32,6 +32,11 @@ pub struct Config {
     pub smpp: SmppConfig,
     pub email: EmailConfig,
     pub chat: ChatConfig,
+    pub wechat: crate::channels::wechat::WechatConfig,
+    pub weibo: crate::channels::weibo::WeiboConfig,
+    pub meta: crate::channels::meta::MetaConfig,
+    pub telegram: crate::channels::telegram::TelegramConfig,
+    pub x: crate::channels::x::XConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

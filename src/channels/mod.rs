@@ -11,10 +11,15 @@ pub mod api;
 pub mod chat;
 pub mod email;
 pub mod email_intake;
+pub mod meta;
 pub mod segments;
 pub mod smpp;
+pub mod telegram;
 pub mod twilio;
 pub mod vonage;
+pub mod wechat;
+pub mod weibo;
+pub mod x;
 
 use crate::error::{Reason, Rejection};
 use crate::http::{rejection_response, Resp};

@@ -1,0 +1,61 @@
+//! Weibo webhooks on `/hooks/weibo` (CHANNELS.md). Not implemented yet: the route answers 404.
+
+use super::{Channel, Inbound};
+use crate::error::{Reason, Rejection};
+use crate::http::Resp;
+use crate::pipeline::{Pipeline, RequestCtx};
+use futures_util::future::BoxFuture;
+use hyper::http::request::Parts;
+use serde::{Deserialize, Serialize};
+
+pub const NAME: &str = "weibo";
+pub const ROUTE: &str = "/hooks/weibo";
+
+/// `[weibo]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WeiboConfig {}
+
+pub struct Weibo {
+    _cfg: WeiboConfig,
+    _normalizer: crate::identity::Normalizer,
+}
+
+impl Weibo {
+    pub fn new(cfg: WeiboConfig, normalizer: crate::identity::Normalizer) -> Result<Self, String> {
+        Ok(Self {
+            _cfg: cfg,
+            _normalizer: normalizer,
+        })
+    }
+}
+
+impl Channel for Weibo {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn allow(&self) -> &'static str {
+        "GET, POST"
+    }
+
+    fn precheck(&self, _parts: &Parts, _ctx: &RequestCtx) -> Result<(), Rejection> {
+        Err(Rejection::new(
+            Reason::NotFound,
+            "channel not implemented yet",
+        ))
+    }
+
+    fn handle<'a>(
+        &'a self,
+        _inbound: Inbound,
+        _pipeline: &'a Pipeline,
+    ) -> BoxFuture<'a, Result<Resp, Rejection>> {
+        Box::pin(async {
+            Err(Rejection::new(
+                Reason::NotFound,
+                "channel not implemented yet",
+            ))
+        })
+    }
+}
