@@ -44,6 +44,7 @@ pub const CHAT_REPLIES: &str = "switchboard_chat_replies_total";
 pub const CHAT_OUTBOX_SESSIONS: &str = "switchboard_chat_outbox_sessions";
 pub const CHAT_OUTBOX_EVICTIONS: &str = "switchboard_chat_outbox_evictions_total";
 pub const REPLIES_CONSUMER_UP: &str = "switchboard_replies_consumer_up";
+pub const SOCIAL_IGNORED: &str = "switchboard_social_ignored_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -181,6 +182,10 @@ fn describe() {
     describe_counter!(
         CHAT_OUTBOX_EVICTIONS,
         "Idle chat outboxes evicted because outbox_max_sessions was reached."
+    );
+    describe_counter!(
+        SOCIAL_IGNORED,
+        "Webhook items answered but not recorded as complaints (statuses, echoes, receipts, reactions, items without an id, sender or content), by channel and kind."
     );
     describe_gauge!(
         REPLIES_CONSUMER_UP,

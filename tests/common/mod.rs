@@ -89,7 +89,12 @@ impl Gateway {
             admin: format!("http://{}", v["admin"].as_str().unwrap()),
             smtp: v["smtp"].as_str().unwrap_or_default().to_string(),
             dir,
-            client: reqwest::Client::builder().build().unwrap(),
+            // Idle pooled connections are dropped before the gateway's keep-alive timeout closes
+            // them, so a request after a long wait never lands on a closed connection.
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
         }
     }
 
