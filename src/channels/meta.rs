@@ -427,7 +427,9 @@ impl Meta {
             "system" => return Err("system"),
             _ => return Err("unsupported"),
         }
-        if text.trim().is_empty() && attachments.is_empty() {
+        // The pipeline's own normalisation decides emptiness: a message it would refuse must be
+        // skipped here, or it would fail every other message of the batch.
+        if crate::record::normalize_text(&text).is_empty() && attachments.is_empty() {
             return Err("empty");
         }
 
@@ -543,12 +545,24 @@ impl Meta {
                 });
             }
         }
-        if text.trim().is_empty() && attachments.is_empty() {
+        // The pipeline's own normalisation decides emptiness: a message it would refuse must be
+        // skipped here, or it would fail every other message of the batch.
+        if crate::record::normalize_text(text).is_empty() && attachments.is_empty() {
             return Err("empty");
         }
 
         let mut i = Intake::new(ChannelKind::Social, product.provider(), text);
-        i.provider_message_id = mid.map(str::to_string);
+        // A postback without a mid still collapses Meta's retries: sender, time and payload.
+        i.provider_message_id = mid.map(str::to_string).or_else(|| {
+            let payload = msg.get("payload").map(Value::to_string).unwrap_or_default();
+            let ts = ev
+                .get("timestamp")
+                .map(Value::to_string)
+                .unwrap_or_default();
+            let h =
+                crate::dedupe::hash_key(&[sender.as_bytes(), ts.as_bytes(), payload.as_bytes()]);
+            Some(format!("postback:{h:032x}"))
+        });
         i.account = Some(account.clone());
         i.attachments = attachments;
         i.identity = RawIdentity {

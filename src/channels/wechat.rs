@@ -584,6 +584,16 @@ pub fn classify(f: &Fields) -> Result<Push, Rejection> {
         }
         _ => {}
     }
+    // Nothing the pipeline would keep (empty or control characters only): answered `success`
+    // and counted, since a 400 would only make WeChat retry and show the customer an error.
+    if crate::record::normalize_text(&text).is_empty()
+        && i.attachments.is_empty()
+        && i.voice.is_none()
+    {
+        return Ok(Push::Ignored {
+            kind: "empty_message",
+        });
+    }
     i.text = text;
     i.metadata.insert("msg_type".into(), msg_type.clone());
     i.provider_message_id = Some(msg_id);
@@ -803,9 +813,11 @@ impl Wechat {
             }
             (fields, Some(ReplyCrypto { key, token }))
         } else {
-            if self.cfg.encryption == Encryption::Safe {
-                // Safe mode accepts only msg_signature-signed ciphertext (plaintext bodies are not
-                // covered by `signature`); log_only / off let a plaintext push through.
+            if self.cfg.encryption != Encryption::Plain {
+                // Safe and compatible mode accept only msg_signature-signed ciphertext: WeChat
+                // sends it in both, and `signature` alone does not cover a plaintext body, so
+                // dropping msg_signature must not downgrade a request. log_only / off let a
+                // plaintext push through.
                 crate::auth::apply_mode(
                     self.cfg.signature_mode,
                     NAME,

@@ -44,6 +44,10 @@ pub struct WeiboConfig {
     pub app_secrets: Vec<String>,
     /// Source networks allowed to push; empty: any.
     pub allow_networks: Vec<String>,
+    /// POSTs whose `timestamp` (Weibo sends milliseconds) is further than this from now are
+    /// refused: the signature does not cover the body, so an old signed query must not be
+    /// reusable. 0: no check.
+    pub timestamp_tolerance_secs: u64,
 }
 
 impl Default for WeiboConfig {
@@ -52,6 +56,7 @@ impl Default for WeiboConfig {
             signature_mode: SignatureMode::Enforce,
             app_secrets: vec!["dev-only-weibo-app-secret".into()],
             allow_networks: Vec::new(),
+            timestamp_tolerance_secs: 300,
         }
     }
 }
@@ -65,6 +70,22 @@ pub fn signature(app_secret: &str, timestamp: &str, nonce: &str) -> String {
         h.update(p.as_bytes());
     }
     hex::encode(h.finalize())
+}
+
+/// Whether a POST's `timestamp` (milliseconds, or seconds) is within `tolerance` of `now`.
+fn fresh(query: &[(String, String)], now: i64, tolerance: u64) -> Result<(), Reason> {
+    if tolerance == 0 {
+        return Ok(());
+    }
+    let ts = super::form_get(query, "timestamp")
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .ok_or(Reason::StaleTimestamp)?;
+    let secs = if ts > 100_000_000_000 { ts / 1000 } else { ts };
+    if crate::auth::timestamp_fresh(secs, now, tolerance) {
+        Ok(())
+    } else {
+        Err(Reason::StaleTimestamp)
+    }
 }
 
 /// Checks the query's `signature` against every secret (constant-time comparisons).
@@ -253,11 +274,18 @@ impl Channel for Weibo {
         super::get_or_post(parts, &["application/json", "text/json", "text/plain"])?;
         network_and_token(self.cfg.signature_mode, NAME, &self.allow, ctx.peer, None)?;
         let q = super::form_pairs(parts.uri.query().unwrap_or("").as_bytes());
-        crate::auth::apply_mode(
-            self.cfg.signature_mode,
-            NAME,
-            verify_query(&self.cfg.app_secrets, &q),
-        )
+        let outcome = verify_query(&self.cfg.app_secrets, &q).and_then(|()| {
+            if parts.method == hyper::Method::POST {
+                fresh(
+                    &q,
+                    chrono::Utc::now().timestamp(),
+                    self.cfg.timestamp_tolerance_secs,
+                )
+            } else {
+                Ok(())
+            }
+        });
+        crate::auth::apply_mode(self.cfg.signature_mode, NAME, outcome)
     }
 
     fn handle<'a>(
@@ -478,6 +506,7 @@ mod tests {
                     signature_mode: mode,
                     app_secrets: vec!["xyz123xyz".into()],
                     allow_networks: vec![],
+                    timestamp_tolerance_secs: 0,
                 },
                 crate::identity::Normalizer::new("CN"),
             )
@@ -514,5 +543,20 @@ mod tests {
             allow_networks: vec!["nope".into()],
             ..Default::default()
         }));
+    }
+
+    #[test]
+    fn old_signed_queries_cannot_be_replayed_with_new_bodies() {
+        let q = |ts: &str| vec![("timestamp".to_string(), ts.to_string())];
+        let now = 1_764_374_400;
+        assert_eq!(fresh(&q("1764374400123"), now, 300), Ok(()));
+        assert_eq!(fresh(&q("1764374400"), now, 300), Ok(()));
+        assert_eq!(
+            fresh(&q("1397022061823"), now, 300),
+            Err(Reason::StaleTimestamp)
+        );
+        assert_eq!(fresh(&q("x"), now, 300), Err(Reason::StaleTimestamp));
+        assert_eq!(fresh(&[], now, 300), Err(Reason::StaleTimestamp));
+        assert_eq!(fresh(&q("1397022061823"), now, 0), Ok(()));
     }
 }

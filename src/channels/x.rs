@@ -80,6 +80,16 @@ pub fn sign(secret: &str, data: &[u8]) -> String {
     )
 }
 
+/// Whether a `crc_token` looks like X's (a short base64-ish string). Anything else is refused:
+/// the CRC answer is an HMAC of the token under the same secret as POST signatures, so answering
+/// for arbitrary text would sign any body an attacker chose (a JSON body can never pass this).
+pub fn crc_token_shape_ok(token: &str) -> bool {
+    (1..=128).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'_' | b'-'))
+}
+
 /// The CRC response body.
 pub fn crc_response(secret: &str, crc_token: &str) -> String {
     serde_json::json!({ "response_token": sign(secret, crc_token.as_bytes()) }).to_string()
@@ -340,6 +350,12 @@ impl Channel for X {
                 let token = super::form_get(&q, "crc_token")
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| Rejection::new(Reason::InvalidEvent, "crc_token is missing"))?;
+                if !crc_token_shape_ok(token) {
+                    return Err(Rejection::new(
+                        Reason::InvalidEvent,
+                        "crc_token must be 1-128 characters of A-Z a-z 0-9 + / = _ -",
+                    ));
+                }
                 let secret = self.cfg.consumer_secrets.first().ok_or_else(|| {
                     Rejection::new(Reason::Internal, "no consumer secret configured")
                 })?;
@@ -537,5 +553,15 @@ mod tests {
             conversation_id("4337869213", "3001969357"),
             "3001969357-4337869213"
         );
+    }
+
+    #[test]
+    fn the_crc_endpoint_cannot_be_used_to_sign_a_body() {
+        assert!(crc_token_shape_ok("aGVsbG8gd29ybGQ="));
+        assert!(!crc_token_shape_ok(
+            r#"{"for_user_id":"1","direct_message_events":[]}"#
+        ));
+        assert!(!crc_token_shape_ok(""));
+        assert!(!crc_token_shape_ok(&"a".repeat(129)));
     }
 }
