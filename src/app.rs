@@ -268,7 +268,7 @@ fn routes(
         cfg.twilio.clone(),
         pipeline.normalizer().clone(),
     ));
-    Ok(vec![
+    let mut routes = vec![
         exact("/v1/events", Arc::new(ApiChannel::new(cfg.api.clone()))),
         exact("/hooks/twilio/sms", twilio.clone()),
         Route {
@@ -304,34 +304,6 @@ fn routes(
             )?),
         ),
         exact(
-            crate::channels::weibo::ROUTE,
-            Arc::new(crate::channels::weibo::Weibo::new(
-                cfg.weibo.clone(),
-                pipeline.normalizer().clone(),
-            )?),
-        ),
-        exact(
-            crate::channels::meta::ROUTE,
-            Arc::new(crate::channels::meta::Meta::new(
-                cfg.meta.clone(),
-                pipeline.normalizer().clone(),
-            )?),
-        ),
-        exact(
-            crate::channels::telegram::ROUTE,
-            Arc::new(crate::channels::telegram::Telegram::new(
-                cfg.telegram.clone(),
-                pipeline.normalizer().clone(),
-            )?),
-        ),
-        exact(
-            crate::channels::x::ROUTE,
-            Arc::new(crate::channels::x::X::new(
-                cfg.x.clone(),
-                pipeline.normalizer().clone(),
-            )?),
-        ),
-        exact(
             "/hooks/smpp",
             Arc::new(Smpp::new(
                 cfg.smpp.clone(),
@@ -339,7 +311,34 @@ fn routes(
                 assembler,
             )?),
         ),
-    ])
+    ];
+    // Social providers without a secret are off: their routes answer 404, so no deployment runs
+    // a provider it never configured (with `signature_mode = "off"` they run unauthenticated).
+    use crate::channels::{meta, telegram, weibo, x};
+    use crate::config::SignatureMode::Off;
+    let n = || pipeline.normalizer().clone();
+    if !cfg.meta.app_secrets.is_empty() || cfg.meta.signature_mode == Off {
+        routes.push(exact(
+            meta::ROUTE,
+            Arc::new(meta::Meta::new(cfg.meta.clone(), n())?),
+        ));
+    }
+    if !cfg.telegram.secret_tokens.is_empty() || cfg.telegram.signature_mode == Off {
+        routes.push(exact(
+            telegram::ROUTE,
+            Arc::new(telegram::Telegram::new(cfg.telegram.clone(), n())?),
+        ));
+    }
+    if !cfg.x.consumer_secrets.is_empty() || cfg.x.signature_mode == Off {
+        routes.push(exact(x::ROUTE, Arc::new(x::X::new(cfg.x.clone(), n())?)));
+    }
+    if !cfg.weibo.app_secrets.is_empty() || cfg.weibo.signature_mode == Off {
+        routes.push(exact(
+            weibo::ROUTE,
+            Arc::new(weibo::Weibo::new(cfg.weibo.clone(), n())?),
+        ));
+    }
+    Ok(routes)
 }
 
 /// Opens the sink the config asks for: the spool alone, or Kafka with the spool behind it.

@@ -418,3 +418,19 @@ async fn weibo_verification_and_message_push() {
 
     gw.assert_log_has_none_of(&["私信或留言内容", "2489518277", "3210987654", WB_SECRET]);
 }
+
+/// A provider nobody configured is off: its route is not mounted (no shipped secret can be used).
+#[tokio::test]
+async fn unconfigured_social_providers_answer_404() {
+    let gw = Gateway::start(&[]).await;
+    for path in [
+        "/hooks/meta",
+        "/hooks/telegram",
+        "/hooks/x",
+        "/hooks/weibo",
+        "/hooks/wechat",
+    ] {
+        let r = gw.post(path, JSON, &[], "{}".to_string()).await;
+        assert_eq!(r.status(), 404, "{path}");
+    }
+}

@@ -61,8 +61,8 @@ impl Default for MetaConfig {
     fn default() -> Self {
         Self {
             signature_mode: SignatureMode::Enforce,
-            app_secrets: vec!["dev-only-meta-app-secret".into()],
-            verify_token: "dev-only-meta-verify-token".into(),
+            app_secrets: Vec::new(),
+            verify_token: String::new(),
             max_batch: 1000,
         }
     }
@@ -819,7 +819,9 @@ mod tests {
         let d = MetaConfig::default();
         assert_eq!(d.max_batch, 1000);
         assert_eq!(d.signature_mode, SignatureMode::Enforce);
-        Meta::new(d, n()).unwrap();
+        // No secret by default: the route is not mounted (app.rs) and Meta::new refuses it.
+        assert!(d.app_secrets.is_empty());
+        assert!(Meta::new(d, n()).is_err());
     }
 
     #[test]

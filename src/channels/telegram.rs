@@ -50,7 +50,7 @@ impl Default for TelegramConfig {
     fn default() -> Self {
         Self {
             signature_mode: SignatureMode::Enforce,
-            secret_tokens: vec!["dev-only-telegram-secret-token".into()],
+            secret_tokens: Vec::new(),
             bot_id: String::new(),
         }
     }
@@ -438,6 +438,7 @@ mod tests {
         Telegram::new(
             TelegramConfig {
                 bot_id: bot.into(),
+                secret_tokens: vec!["unit-test-secret-token".into()],
                 ..Default::default()
             },
             Normalizer::new("CN"),

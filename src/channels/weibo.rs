@@ -54,7 +54,7 @@ impl Default for WeiboConfig {
     fn default() -> Self {
         Self {
             signature_mode: SignatureMode::Enforce,
-            app_secrets: vec!["dev-only-weibo-app-secret".into()],
+            app_secrets: Vec::new(),
             allow_networks: Vec::new(),
             timestamp_tolerance_secs: 300,
         }
@@ -321,7 +321,14 @@ mod tests {
     use super::*;
 
     fn wb() -> Weibo {
-        Weibo::new(Default::default(), crate::identity::Normalizer::new("CN")).unwrap()
+        Weibo::new(
+            WeiboConfig {
+                app_secrets: vec!["unit-test-app-secret".into()],
+                ..Default::default()
+            },
+            crate::identity::Normalizer::new("CN"),
+        )
+        .unwrap()
     }
 
     fn q(s: &str) -> Vec<(String, String)> {

@@ -47,7 +47,7 @@ impl Default for XConfig {
     fn default() -> Self {
         Self {
             signature_mode: SignatureMode::Enforce,
-            consumer_secrets: vec!["dev-only-x-consumer-secret".into()],
+            consumer_secrets: Vec::new(),
         }
     }
 }
