@@ -61,6 +61,8 @@ RUN groupadd --gid 10001 switchboard \
 
 COPY --from=builder /src/target/release/switchboard /usr/local/bin/switchboard
 COPY config/switchboard.toml /etc/switchboard/switchboard.toml
+# The triage rules: mount your own over it and send SIGHUP to reload.
+COPY config/triage.toml /etc/switchboard/triage.toml
 
 WORKDIR /var/lib/switchboard
 
@@ -69,7 +71,8 @@ WORKDIR /var/lib/switchboard
 ENV SWITCHBOARD_HTTP__LISTEN=0.0.0.0:8080 \
     SWITCHBOARD_ADMIN__LISTEN=0.0.0.0:9090 \
     SWITCHBOARD_LOG__FORMAT=json \
-    SWITCHBOARD_SPOOL__DIR=/var/lib/switchboard/spool
+    SWITCHBOARD_SPOOL__DIR=/var/lib/switchboard/spool \
+    SWITCHBOARD_TRIAGE__RULES_FILE=/etc/switchboard/triage.toml
 
 # 8080 public (webhooks, /v1/events), 9090 admin (/metrics, /healthz, /readyz: keep it
 # private), 2525 SMTP (email channel).

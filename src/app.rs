@@ -365,7 +365,8 @@ pub async fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
 pub async fn serve(cfg: Config) -> Result<(), String> {
     let prometheus = telemetry::install_recorder()?;
     let sink = open_sink(&cfg).await?;
-    let pipeline = Pipeline::new(&cfg, sink);
+    let pipeline = Pipeline::new(&cfg, sink)?;
+    tracing::info!("{}", pipeline.triage().summary());
 
     let public_listener = TcpListener::bind(cfg.http.listen)
         .await
@@ -392,6 +393,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
 
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
+    spawn_reload_handler(pipeline.triage().clone());
 
     let ack = if cfg.email.ack.enabled {
         Some(AckMailer::start(cfg.email.ack.clone())?)
@@ -576,6 +578,25 @@ pub fn tls_acceptor(cert_path: &str, key_path: &str) -> Result<tokio_rustls::Tls
         .with_single_cert(certs, key)
         .map_err(|e| format!("email.tls_cert_path: {e}"))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// SIGHUP re-reads the triage rule file; a file that does not check out keeps the old rules.
+fn spawn_reload_handler(triage: Arc<crate::triage::Triager>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match triage.reload() {
+                Ok(summary) => tracing::info!("SIGHUP: reloaded {summary}"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the triage rules did not load; the previous rules stay in force")
+                }
+            }
+        }
+    });
 }
 
 fn spawn_signal_handler(token: CancellationToken) {

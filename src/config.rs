@@ -20,7 +20,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub dedupe: DedupeConfig,
     pub limits: LimitsConfig,
-    pub sla: SlaConfig,
+    pub triage: TriageConfig,
     pub sink: SinkConfig,
     pub kafka: KafkaConfig,
     pub spool: SpoolConfig,
@@ -187,19 +187,28 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Placeholder SLA clocks until the triage issue brings severities and a business calendar.
+/// Triage: where the rule file is (categories, severities, SLA table, business calendar,
+/// repeat and storm policy; reloaded on SIGHUP) and the memory bounds of its state.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SlaConfig {
-    pub first_response_hours: u64,
-    pub resolution_hours: u64,
+pub struct TriageConfig {
+    /// The rule file; empty = the rules compiled into the binary (`config/triage.toml`).
+    pub rules_file: PathBuf,
+    /// Customers whose recent complaints are remembered for repeat detection (~200 bytes each).
+    pub max_repeat_customers: u64,
+    /// (category, area) buckets the storm detector tracks at once.
+    pub max_storm_buckets: usize,
+    /// Distinct customers remembered per bucket; past it a bucket is storming anyway.
+    pub max_storm_customers_per_bucket: usize,
 }
 
-impl Default for SlaConfig {
+impl Default for TriageConfig {
     fn default() -> Self {
         Self {
-            first_response_hours: 24,
-            resolution_hours: 7 * 24,
+            rules_file: PathBuf::new(),
+            max_repeat_customers: 250_000,
+            max_storm_buckets: 10_000,
+            max_storm_customers_per_bucket: 10_000,
         }
     }
 }
@@ -1091,6 +1100,14 @@ mod tests {
         assert_eq!(cfg.admin.listen, def.admin.listen);
         assert_eq!(cfg.dedupe.provider_id_window_secs, 8 * 24 * 3600);
         assert!(!cfg.kafka_enabled(), "shipped config runs on the spool");
+        // The shipped rule file is the one compiled in, and it checks out.
+        assert_eq!(cfg.triage.rules_file, Path::new("config/triage.toml"));
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(&cfg.triage.rules_file),
+        )
+        .unwrap();
+        assert_eq!(shipped, crate::triage::DEFAULT_RULES);
+        crate::triage::Triager::check(&TriageConfig::default()).unwrap();
     }
 
     #[test]

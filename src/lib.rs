@@ -19,3 +19,4 @@ pub mod replies;
 pub mod sink;
 pub mod smtp;
 pub mod telemetry;
+pub mod triage;

@@ -11,11 +11,12 @@ use crate::error::{Reason, Rejection};
 use crate::identity::{Identity, Normalizer};
 use crate::limits::Limits;
 use crate::record::{
-    normalize_text, rfc3339_ms, ComplaintRecord, Content, Conversation, Customer, Intake, Sla,
-    SocialIdentity, Triage, SCHEMA,
+    normalize_text, rfc3339_ms, ComplaintRecord, Content, Conversation, Customer, Intake,
+    SocialIdentity, SCHEMA,
 };
 use crate::sink::{Encoded, Health, Sink};
 use crate::telemetry::{self, mask_customer_key};
+use crate::triage::{self, Triager};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -41,6 +42,8 @@ pub struct RequestCtx {
 pub struct Accepted {
     pub id: Ulid,
     pub duplicate: bool,
+    /// When the first response is due (from triage); `None` for a duplicate.
+    pub first_response_due: Option<DateTime<Utc>>,
 }
 
 enum Slot {
@@ -61,17 +64,18 @@ pub struct Pipeline {
     fingerprints: Window,
     limits: Arc<Limits>,
     sink: Arc<dyn Sink>,
-    first_response: Duration,
-    resolution: Duration,
+    triage: Arc<Triager>,
     write_timeout: Duration,
     retry_after: Duration,
 }
 
 impl Pipeline {
-    pub fn new(cfg: &Config, sink: Arc<dyn Sink>) -> Arc<Self> {
+    /// Fails when the triage rule file cannot be read or does not check out.
+    pub fn new(cfg: &Config, sink: Arc<dyn Sink>) -> Result<Arc<Self>, String> {
+        let triage = Arc::new(Triager::new(&cfg.triage)?);
         let normalizer = Normalizer::new(&cfg.identity.default_region);
         normalizer.warm_up();
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             normalizer,
             provider_ids: Window::new(
                 "provider_id",
@@ -85,16 +89,15 @@ impl Pipeline {
             ),
             limits: Limits::new(&cfg.limits),
             sink,
-            first_response: Duration::from_secs(cfg.sla.first_response_hours * 3600),
-            resolution: Duration::from_secs(cfg.sla.resolution_hours * 3600),
+            triage,
             write_timeout: Duration::from_millis(cfg.sink.write_timeout_ms),
             retry_after: Duration::from_secs(cfg.sink.retry_after_secs.max(1)),
-        })
+        }))
     }
 
-    /// When a complaint received now is due its first response (RFC 3339), for acknowledgements.
-    pub fn first_response_due(&self) -> String {
-        rfc3339_ms(Utc::now() + self.first_response)
+    /// The triage rules and state (SIGHUP reloads through it).
+    pub fn triage(&self) -> &Arc<Triager> {
+        &self.triage
     }
 
     pub fn normalizer(&self) -> &Normalizer {
@@ -125,6 +128,7 @@ impl Pipeline {
             let n = w.sweep();
             metrics::gauge!(telemetry::DEDUPE_ENTRIES, "window" => w.name()).set(n as f64);
         }
+        self.triage.sweep(Utc::now());
     }
 
     /// Per-source and per-channel admission, before a request is read or verified.
@@ -204,6 +208,7 @@ impl Pipeline {
         let mut ids = Vec::with_capacity(n);
         let mut encoded = Vec::new();
         let mut accepted_log = Vec::new();
+        let mut marks = Vec::new();
         for (((mut intake, identity, text, truncated), slot), over) in
             items.into_iter().zip(&slots).zip(over_limit)
         {
@@ -212,7 +217,6 @@ impl Pipeline {
                 continue;
             };
             let id = Ulid::new();
-            ids.push(Some(id));
             if over {
                 intake
                     .metadata
@@ -223,7 +227,7 @@ impl Pipeline {
                 intake.provider.clone(),
                 mask_customer_key(&identity.key),
             ));
-            let record = self.build(
+            let (record, mark, first_response_due) = self.build(
                 id,
                 received_at,
                 intake,
@@ -233,6 +237,8 @@ impl Pipeline {
                 *dedupe_key,
                 ctx,
             );
+            ids.push(Some((id, first_response_due)));
+            marks.extend(mark);
             encoded.push(encode(&record));
         }
 
@@ -252,6 +258,8 @@ impl Pipeline {
                     return Err(self.unavailable("the gateway cannot store complaints right now"));
                 }
             };
+            // Durable: now the complaints count towards their customers' repeat history.
+            self.triage.commit(marks);
             for l in &landed {
                 metrics::counter!(telemetry::RECORDS_EMITTED, "channel" => ctx.channel, "sink" => l.as_str())
                     .increment(1);
@@ -279,7 +287,7 @@ impl Pipeline {
                     alias_claims,
                     ..
                 } => {
-                    let id = id.expect("new slots have ids");
+                    let (id, due) = id.expect("new slots have ids");
                     if let Some(c) = provider_claim {
                         c.commit(id);
                     }
@@ -290,15 +298,18 @@ impl Pipeline {
                     Accepted {
                         id,
                         duplicate: false,
+                        first_response_due: Some(due),
                     }
                 }
                 Slot::Duplicate(id) => Accepted {
                     id,
                     duplicate: true,
+                    first_response_due: None,
                 },
                 Slot::SameAs(j) => Accepted {
                     id: out[j].id,
                     duplicate: true,
+                    first_response_due: None,
                 },
             };
             out.push(accepted);
@@ -418,7 +429,7 @@ impl Pipeline {
         truncated: bool,
         dedupe_key: u128,
         ctx: &RequestCtx,
-    ) -> ComplaintRecord {
+    ) -> (ComplaintRecord, Option<triage::repeat::Mark>, DateTime<Utc>) {
         let mut metadata = intake.metadata;
         if let Some(t) = intake.occurred_at {
             metadata.insert("occurred_at".into(), rfc3339_ms(t));
@@ -426,24 +437,32 @@ impl Pipeline {
         if truncated {
             metadata.insert("text_truncated".into(), "true".into());
         }
-        // Placeholder triage until the rules land: every field exists, values are defaults,
-        // except a category the channel already knows (an IVR menu choice).
-        let (category, reasons) = match intake.category_hint {
-            Some((category, reason)) => (category, vec![reason]),
-            None => ("other".to_string(), vec!["default".to_string()]),
-        };
-        let triage = Triage {
-            category,
-            severity: "general".into(),
-            major_level: None,
-            sla: Sla {
-                first_response_due: rfc3339_ms(received_at + self.first_response),
-                resolution_due: rfc3339_ms(received_at + self.resolution),
-            },
-            reasons,
-            incident: None,
-        };
-        ComplaintRecord {
+        let subject = intake
+            .subject
+            .map(|s| normalize_text(&s))
+            .filter(|s| !s.is_empty());
+        let triage::Outcome {
+            triage,
+            language,
+            mark,
+            first_response_due,
+            ..
+        } = self.triage.assess(&triage::Input {
+            received_at,
+            channel: intake.channel.as_str(),
+            customer_key: &identity.key,
+            thread: intake.thread_id.as_deref(),
+            subject: subject.as_deref(),
+            text: &text,
+            category_hint: intake
+                .category_hint
+                .as_ref()
+                .map(|(c, why)| (c.as_str(), why.as_str())),
+            metadata: &metadata,
+        });
+        // The detected language of the text; the channel's own tag when the text is too short.
+        let language = language.map(str::to_string).or(intake.language);
+        let record = ComplaintRecord {
             schema: SCHEMA.into(),
             id: id.to_string(),
             received_at: rfc3339_ms(received_at),
@@ -468,12 +487,9 @@ impl Pipeline {
                 in_reply_to: intake.in_reply_to,
             },
             content: Content {
-                subject: intake
-                    .subject
-                    .map(|s| normalize_text(&s))
-                    .filter(|s| !s.is_empty()),
+                subject,
                 text,
-                language: intake.language,
+                language,
                 attachments: intake.attachments,
                 voice: intake.voice,
             },
@@ -481,7 +497,8 @@ impl Pipeline {
             dedupe_key: format!("{dedupe_key:032x}"),
             trace_id: ctx.trace_id.clone(),
             metadata,
-        }
+        };
+        (record, mark, first_response_due)
     }
 
     fn unavailable(&self, message: &str) -> Rejection {
@@ -585,7 +602,7 @@ mod tests {
 
     fn pipeline() -> (Arc<Pipeline>, Arc<MemorySink>) {
         let sink = Arc::new(MemorySink::default());
-        (Pipeline::new(&Config::default(), sink.clone()), sink)
+        (Pipeline::new(&Config::default(), sink.clone()).unwrap(), sink)
     }
 
     fn ctx() -> RequestCtx {
@@ -620,7 +637,8 @@ mod tests {
             b[0],
             Accepted {
                 id: a[0].id,
-                duplicate: true
+                duplicate: true,
+                first_response_due: None,
             }
         );
         // Same sender, same text, new id (a double submission) within the short window.
@@ -635,7 +653,8 @@ mod tests {
             c[0],
             Accepted {
                 id: a[0].id,
-                duplicate: true
+                duplicate: true,
+                first_response_due: None,
             }
         );
         // And the new id now answers the same too.
@@ -666,7 +685,8 @@ mod tests {
             out[2],
             Accepted {
                 id: out[0].id,
-                duplicate: true
+                duplicate: true,
+                first_response_due: None,
             }
         );
         assert_ne!(out[0].id, out[1].id);
@@ -674,7 +694,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_carry_key_headers_and_placeholder_triage() {
+    async fn records_carry_key_headers_and_triage() {
         let (p, sink) = pipeline();
         let out = p
             .submit(&ctx(), vec![intake("e9", "13800138000", "网络很差")])
@@ -690,9 +710,12 @@ mod tests {
         );
         let r: ComplaintRecord = serde_json::from_slice(&e.payload).unwrap();
         assert_eq!(r.id, out[0].id.to_string());
-        assert_eq!(r.triage.category, "other");
+        assert_eq!(r.triage.category, "network");
         assert_eq!(r.triage.severity, "general");
+        assert!(r.triage.reasons.iter().any(|x| x == "network.data"));
         assert_eq!(r.content.text, "网络很差");
+        assert_eq!(r.content.language.as_deref(), Some("zh"));
+        assert!(out[0].first_response_due.is_some());
     }
 
     #[tokio::test]
@@ -742,7 +765,7 @@ mod tests {
     async fn sink_failure_is_503_with_retry_after_and_the_retry_is_not_a_duplicate() {
         let sink = Arc::new(Flaky::default());
         sink.fail.store(true, std::sync::atomic::Ordering::Relaxed);
-        let p = Pipeline::new(&Config::default(), sink.clone());
+        let p = Pipeline::new(&Config::default(), sink.clone()).unwrap();
         let e = p
             .submit(&ctx(), vec![intake("e1", "13800138000", "x")])
             .await
@@ -816,7 +839,7 @@ mod tests {
             }
         }
         let sink = Arc::new(Slow(MemorySink::default()));
-        let p = Pipeline::new(&Config::default(), sink.clone());
+        let p = Pipeline::new(&Config::default(), sink.clone()).unwrap();
         for round in 0..20 {
             let a = format!("a{round}");
             let b = format!("b{round}");
@@ -860,7 +883,7 @@ mod tests {
             burst: 1,
         };
         let sink = Arc::new(MemorySink::default());
-        let p = Pipeline::new(&cfg, sink.clone());
+        let p = Pipeline::new(&cfg, sink.clone()).unwrap();
         let out = p
             .submit(
                 &ctx(),

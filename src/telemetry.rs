@@ -45,6 +45,14 @@ pub const CHAT_OUTBOX_SESSIONS: &str = "switchboard_chat_outbox_sessions";
 pub const CHAT_OUTBOX_EVICTIONS: &str = "switchboard_chat_outbox_evictions_total";
 pub const REPLIES_CONSUMER_UP: &str = "switchboard_replies_consumer_up";
 pub const SOCIAL_IGNORED: &str = "switchboard_social_ignored_total";
+pub const TRIAGE_RECORDS: &str = "switchboard_triage_records_total";
+pub const TRIAGE_INCIDENTS_ACTIVE: &str = "switchboard_triage_incidents_active";
+pub const TRIAGE_INCIDENTS: &str = "switchboard_triage_incidents_total";
+pub const TRIAGE_STORM_UNTRACKED: &str = "switchboard_triage_storm_untracked_total";
+pub const TRIAGE_REPEAT_CUSTOMERS: &str = "switchboard_triage_repeat_customers";
+pub const TRIAGE_RULES: &str = "switchboard_triage_rules";
+pub const TRIAGE_RELOADS: &str = "switchboard_triage_reloads_total";
+pub const TRIAGE_BAD_FLAGS: &str = "switchboard_triage_bad_escalation_flags_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -186,6 +194,32 @@ fn describe() {
     describe_counter!(
         SOCIAL_IGNORED,
         "Webhook items answered but not recorded as complaints (statuses, echoes, receipts, reactions, items without an id, sender or content), by channel and kind."
+    );
+    describe_counter!(
+        TRIAGE_RECORDS,
+        "Complaints triaged, by category and severity (general, complex, urgent, major3, major2, major1)."
+    );
+    describe_gauge!(
+        TRIAGE_INCIDENTS_ACTIVE,
+        "Storm incidents in progress: many distinct customers reporting the same category and key terms (and area) within the storm window."
+    );
+    describe_counter!(TRIAGE_INCIDENTS, "Storm incidents opened.");
+    describe_counter!(
+        TRIAGE_STORM_UNTRACKED,
+        "Complaints the storm detector could not track because triage.max_storm_buckets buckets were all active."
+    );
+    describe_gauge!(
+        TRIAGE_REPEAT_CUSTOMERS,
+        "Customers whose recent complaints are remembered for repeat detection (bounded by triage.max_repeat_customers)."
+    );
+    describe_gauge!(TRIAGE_RULES, "Triage rules in force.");
+    describe_counter!(
+        TRIAGE_RELOADS,
+        "Rule file reloads on SIGHUP, by result (ok, error: the old rules stay)."
+    );
+    describe_counter!(
+        TRIAGE_BAD_FLAGS,
+        "Escalation flags from a trusted channel that named no known severity, by channel."
     );
     describe_gauge!(
         REPLIES_CONSUMER_UP,

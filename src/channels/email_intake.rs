@@ -92,7 +92,6 @@ impl EmailIntake {
         let parsed = tokio::task::spawn_blocking(move || parser.parse(&raw, &envelope))
             .await
             .map_err(|_| Rejection::new(Reason::Internal, "mail parser failed"))??;
-        let first_response_due = self.pipeline.first_response_due();
         let a = self
             .pipeline
             .submit(&ctx, vec![parsed.intake.clone()])
@@ -109,7 +108,10 @@ impl EmailIntake {
                 message_id: parsed.message_id.clone(),
                 references: parsed.references.clone(),
                 reference: super::reference(&a.id),
-                first_response_due,
+                first_response_due: a
+                    .first_response_due
+                    .map(crate::record::rfc3339_ms)
+                    .unwrap_or_default(),
             });
         }
         Ok(a)
@@ -377,7 +379,7 @@ mod tests {
     async fn sink_failure_is_451_4_3_0_and_rate_limit_is_451_4_7_1() {
         let mut cfg = Config::default();
         cfg.email.attachment_dir = tempfile::tempdir().unwrap().keep();
-        let down = Pipeline::new(&cfg, Arc::new(Down));
+        let down = Pipeline::new(&cfg, Arc::new(Down)).unwrap();
         let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, down, None)));
         let r = h.deliver(delivery(1)).await;
         assert_eq!((r.code, r.status), (451, "4.3.0"));
@@ -386,7 +388,7 @@ mod tests {
             per_second: 0.001,
             burst: 1,
         };
-        let ok = Pipeline::new(&cfg, Arc::new(crate::sink::memory::MemorySink::default()));
+        let ok = Pipeline::new(&cfg, Arc::new(crate::sink::memory::MemorySink::default())).unwrap();
         let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, ok, None)));
         assert_eq!(h.deliver(delivery(2)).await.code, 250);
         let r = h.deliver(delivery(3)).await;

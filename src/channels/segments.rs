@@ -73,6 +73,7 @@ impl Assembler {
                 return Ok(Accepted {
                     id,
                     duplicate: true,
+                    first_response_due: None,
                 });
             }
         }
@@ -196,6 +197,7 @@ async fn emit(pipeline: Arc<Pipeline>, mut p: Pending) {
             let _ = w.send(Ok(Accepted {
                 id,
                 duplicate: true,
+                first_response_due: None,
             }));
         }
         return;
@@ -231,6 +233,7 @@ async fn emit(pipeline: Arc<Pipeline>, mut p: Pending) {
     let result = one(pipeline.submit(&p.ctx, vec![intake]).await).map(|a| Accepted {
         id: a.id,
         duplicate: a.duplicate,
+        first_response_due: a.first_response_due,
     });
     for w in p.waiters {
         let _ = w.send(result.clone());
@@ -266,7 +269,7 @@ mod tests {
 
     fn setup(wait_ms: u64) -> (Assembler, Arc<MemorySink>) {
         let sink = Arc::new(MemorySink::default());
-        let p = Pipeline::new(&Config::default(), sink.clone());
+        let p = Pipeline::new(&Config::default(), sink.clone()).unwrap();
         (Assembler::new(p, Duration::from_millis(wait_ms), 100), sink)
     }
 
@@ -302,7 +305,8 @@ mod tests {
             again,
             Accepted {
                 id: first.id,
-                duplicate: true
+                duplicate: true,
+                first_response_due: None,
             }
         );
         assert_eq!(texts(&sink).len(), 1);

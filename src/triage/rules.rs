@@ -1,0 +1,1008 @@
+//! The triage rule file: what it may say (serde, unknown keys refused), how it is checked, and
+//! the compiled form that one Aho-Corasick pass over the folded text evaluates.
+//!
+//! Matching is deterministic: every keyword of every rule goes into one automaton (overlapping
+//! matches, so nothing shadows anything); a rule fires once however many of its keywords occur;
+//! a category's score is the sum of the weights of its rules that fired; the best score wins and
+//! ties go to the category listed first in `categories.order`.
+
+use super::calendar::{Calendar, CalendarSpec, SlaDuration};
+use super::text::{fold, fold_into, Scripts};
+use aho_corasick::{AhoCorasick, MatchKind};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Most rules a file may hold (rule hits are tracked in a fixed bitset).
+pub const MAX_RULES: usize = 512;
+/// Most keywords (before Traditional/Simplified expansion).
+pub const MAX_KEYWORDS: usize = 20_000;
+const MAX_KEYWORD_BYTES: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Category {
+    Network,
+    Billing,
+    Service,
+    Product,
+    Privacy,
+    Other,
+}
+
+impl Category {
+    pub const ALL: [Category; 6] = [
+        Category::Network,
+        Category::Billing,
+        Category::Service,
+        Category::Product,
+        Category::Privacy,
+        Category::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Network => "network",
+            Category::Billing => "billing",
+            Category::Service => "service",
+            Category::Product => "product",
+            Category::Privacy => "privacy",
+            Category::Other => "other",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// Severity, ordered from least to most severe (major level 1 is the most severe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    General,
+    Complex,
+    Urgent,
+    Major3,
+    Major2,
+    Major1,
+}
+
+impl Severity {
+    pub const ALL: [Severity; 6] = [
+        Severity::General,
+        Severity::Complex,
+        Severity::Urgent,
+        Severity::Major3,
+        Severity::Major2,
+        Severity::Major1,
+    ];
+
+    /// The record's `severity` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::General => "general",
+            Severity::Complex => "complex",
+            Severity::Urgent => "urgent",
+            _ => "major",
+        }
+    }
+
+    /// The record's `major_level` field.
+    pub fn level(self) -> Option<u8> {
+        match self {
+            Severity::Major3 => Some(3),
+            Severity::Major2 => Some(2),
+            Severity::Major1 => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The key used in `[sla]` and in metric labels: `general` … `major1`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Severity::General => "general",
+            Severity::Complex => "complex",
+            Severity::Urgent => "urgent",
+            Severity::Major3 => "major3",
+            Severity::Major2 => "major2",
+            Severity::Major1 => "major1",
+        }
+    }
+
+    /// `general`, `complex`, `urgent`, `major1`..`major3`, or `major` with a separate level.
+    pub fn parse(s: &str, level: Option<u8>) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        let sev = match (s.as_str(), level) {
+            ("general", None) => Severity::General,
+            ("complex", None) => Severity::Complex,
+            ("urgent", None) => Severity::Urgent,
+            ("major", Some(3)) | ("major3", None) => Severity::Major3,
+            ("major", Some(2)) | ("major2", None) => Severity::Major2,
+            ("major", Some(1)) | ("major1", None) => Severity::Major1,
+            ("major", None) => return Err("`major` needs `level = 1 | 2 | 3`".into()),
+            (_, Some(_)) if !s.starts_with("major") => {
+                return Err(format!("`level` only goes with `major`, not `{s}`"))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown severity `{s}` (general, complex, urgent, major with level 1-3)"
+                ))
+            }
+        };
+        Ok(sev)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    /// Free text naming this revision of the rules; logged on load and exported as a metric label.
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub variants: VariantsSpec,
+    #[serde(default)]
+    pub categories: CategoriesSpec,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub escalation: EscalationSpec,
+    #[serde(default)]
+    pub repeat: RepeatSpec,
+    #[serde(default)]
+    pub storm: StormSpec,
+    #[serde(default)]
+    pub sla: BTreeMap<String, SlaSpec>,
+    #[serde(default)]
+    pub calendar: CalendarSpec,
+}
+
+/// Traditional ↔ Simplified character pairs: `traditional` and `simplified` list the same number
+/// of characters (whitespace ignored); every keyword is matched in both forms.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantsSpec {
+    #[serde(default)]
+    pub traditional: String,
+    #[serde(default)]
+    pub simplified: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoriesSpec {
+    /// Tie-break order, most preferred first; must name all six categories.
+    #[serde(default = "default_order")]
+    pub order: Vec<String>,
+    /// Score a channel's own category (an IVR menu choice) adds to that category.
+    #[serde(default = "default_hint_weight")]
+    pub hint_weight: u32,
+    /// Least score a category needs to win; below it the record is `other`.
+    #[serde(default = "one")]
+    pub min_score: u32,
+    /// When a second category also scores at least this much, the complaint is about several
+    /// matters and is at least `complex`. 0 turns this off.
+    #[serde(default)]
+    pub multi_topic_score: u32,
+}
+
+impl Default for CategoriesSpec {
+    fn default() -> Self {
+        Self {
+            order: default_order(),
+            hint_weight: default_hint_weight(),
+            min_score: 1,
+            multi_topic_score: 0,
+        }
+    }
+}
+
+fn default_order() -> Vec<String> {
+    ["privacy", "network", "billing", "product", "service", "other"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_hint_weight() -> u32 {
+    4
+}
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique; named in the record's `reasons` when the rule fires.
+    pub id: String,
+    /// The category the rule votes for.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// How much the vote counts (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// The least severity a complaint gets when the rule fires.
+    #[serde(default)]
+    pub severity: Option<String>,
+    /// With `severity = "major"`: 1, 2 or 3.
+    #[serde(default)]
+    pub level: Option<u8>,
+    /// Phrases. Chinese matches anywhere; a phrase starting (ending) with a Latin letter or digit
+    /// matches only at a word start (end); a trailing `*` makes it a prefix (`charg*`).
+    pub keywords: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationSpec {
+    /// Customer keys (E.164 phone, lower-case email, `customer:<id>`) of VIP customers.
+    #[serde(default)]
+    pub vip_customers: Vec<String>,
+    /// The least severity of a VIP's complaint (default `urgent`).
+    #[serde(default)]
+    pub vip_severity: Option<String>,
+    /// Channels whose `metadata.<flag_key>` is trusted to set a severity (operator systems).
+    #[serde(default)]
+    pub flag_channels: Vec<String>,
+    /// The metadata key carrying an internal escalation (`complex`, `urgent`, `major1`...).
+    #[serde(default)]
+    pub flag_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepeatSpec {
+    /// The window repeat complaints are counted in.
+    #[serde(default = "default_repeat_days")]
+    pub days: u32,
+    /// Complaints closer than this to the previous counted one (or in the same conversation)
+    /// are the same contact, not a repeat.
+    #[serde(default = "default_min_gap")]
+    pub min_gap_minutes: u32,
+    /// Count per customer and category (the same matter), or per customer.
+    #[serde(default = "yes")]
+    pub same_category: bool,
+    /// Escalation steps: the `count`-th complaint within `days` gets at least `severity`.
+    #[serde(default = "default_steps", rename = "step")]
+    pub steps: Vec<RepeatStep>,
+}
+
+impl Default for RepeatSpec {
+    fn default() -> Self {
+        Self {
+            days: default_repeat_days(),
+            min_gap_minutes: default_min_gap(),
+            same_category: true,
+            steps: default_steps(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepeatStep {
+    pub count: u32,
+    pub severity: String,
+    #[serde(default)]
+    pub level: Option<u8>,
+}
+
+fn default_repeat_days() -> u32 {
+    7
+}
+fn default_min_gap() -> u32 {
+    60
+}
+fn yes() -> bool {
+    true
+}
+fn default_steps() -> Vec<RepeatStep> {
+    vec![
+        RepeatStep {
+            count: 2,
+            severity: "complex".into(),
+            level: None,
+        },
+        RepeatStep {
+            count: 3,
+            severity: "major".into(),
+            level: Some(3),
+        },
+    ]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StormSpec {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The sliding window distinct customers are counted in.
+    #[serde(default = "default_storm_window")]
+    pub window_secs: u64,
+    /// Distinct customers sharing a category and a key term (and area) that make a storm.
+    #[serde(default = "default_storm_customers")]
+    pub min_customers: u32,
+    /// The least severity of a complaint that belongs to an incident.
+    #[serde(default = "default_storm_severity")]
+    pub severity: String,
+    #[serde(default = "default_storm_level")]
+    pub level: Option<u8>,
+    /// Metadata keys holding an area or cell (first present wins); complaints from different
+    /// areas are different incidents, complaints without one share the area "".
+    #[serde(default = "default_area_keys")]
+    pub area_keys: Vec<String>,
+}
+
+impl Default for StormSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_secs: default_storm_window(),
+            min_customers: default_storm_customers(),
+            severity: default_storm_severity(),
+            level: default_storm_level(),
+            area_keys: default_area_keys(),
+        }
+    }
+}
+
+fn default_storm_window() -> u64 {
+    900
+}
+fn default_storm_customers() -> u32 {
+    20
+}
+fn default_storm_severity() -> String {
+    "major".into()
+}
+fn default_storm_level() -> Option<u8> {
+    Some(2)
+}
+fn default_area_keys() -> Vec<String> {
+    ["area", "cell_id", "cell", "district", "city"]
+        .map(String::from)
+        .to_vec()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlaSpec {
+    pub first_response: String,
+    pub resolution: String,
+}
+
+/// DOMAIN.md's table: working days where it says so, wall-clock hours for urgent and major.
+fn default_sla(sev: Severity) -> (&'static str, &'static str) {
+    match sev {
+        Severity::General => ("3wd", "7wd"),
+        Severity::Complex => ("3wd", "15wd"),
+        Severity::Urgent => ("24h", "48h"),
+        Severity::Major3 => ("4h", "20wd"),
+        Severity::Major2 => ("2h", "20wd"),
+        Severity::Major1 => ("1h", "20wd"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiled.
+
+#[derive(Debug)]
+pub struct Rule {
+    pub id: String,
+    pub category: Option<Category>,
+    pub weight: u32,
+    pub severity: Option<Severity>,
+}
+
+#[derive(Debug, Clone)]
+struct Pattern {
+    start_boundary: bool,
+    end_boundary: bool,
+    /// Rules this pattern belongs to (index into `rules`); empty for an English function word.
+    rules: Vec<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RepeatPolicy {
+    pub window_ms: i64,
+    pub min_gap_ms: i64,
+    pub same_category: bool,
+    /// Ascending by count.
+    pub steps: Vec<(u32, Severity)>,
+}
+
+impl RepeatPolicy {
+    /// Largest count any step needs: how many past complaints are worth remembering.
+    pub fn depth(&self) -> usize {
+        self.steps.iter().map(|s| s.0 as usize).max().unwrap_or(0)
+    }
+
+    pub fn severity_for(&self, count: u32) -> Option<Severity> {
+        self.steps
+            .iter()
+            .filter(|s| count >= s.0)
+            .map(|s| s.1)
+            .max()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StormPolicy {
+    pub enabled: bool,
+    pub window_ms: i64,
+    pub min_customers: u32,
+    pub severity: Severity,
+    pub area_keys: Vec<String>,
+}
+
+/// A rule file, checked and compiled.
+pub struct Rules {
+    pub version: String,
+    matcher: AhoCorasick,
+    patterns: Vec<Pattern>,
+    pub rules: Vec<Rule>,
+    order: [Category; 6],
+    rank: [u8; 6],
+    pub hint_weight: u32,
+    pub min_score: u32,
+    pub multi_topic_score: u32,
+    pub vip: HashSet<String>,
+    pub vip_severity: Severity,
+    pub flag_channels: Vec<String>,
+    pub flag_key: String,
+    pub repeat: RepeatPolicy,
+    pub storm: StormPolicy,
+    sla: [(SlaDuration, SlaDuration); 6],
+    pub calendar: Calendar,
+    pub keywords: usize,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules")
+            .field("version", &self.version)
+            .field("rules", &self.rules.len())
+            .field("keywords", &self.keywords)
+            .finish()
+    }
+}
+
+/// English function words: their share among a Latin text's words tells English from other
+/// Latin-script languages.
+const ENGLISH_WORDS: &[&str] = &[
+    "the", "a", "an", "and", "or", "but", "not", "no", "is", "are", "was", "were", "be", "been",
+    "have", "has", "had", "do", "does", "did", "don't", "i", "i'm", "i've", "me", "my", "you",
+    "your", "we", "our", "it", "it's", "this", "that", "they", "their", "to", "of", "in", "on",
+    "for", "with", "at", "from", "since", "by", "can", "can't", "cannot", "will", "would",
+    "please", "what", "why", "when", "still", "there", "here", "very", "too", "all", "any",
+];
+
+/// What the text pass found.
+#[derive(Debug, Clone, Default)]
+pub struct TextMatch {
+    /// Indexes of the rules that fired, ascending.
+    pub fired: Vec<u16>,
+    pub scripts: Scripts,
+    pub english_words: u32,
+}
+
+/// The category decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CategoryDecision {
+    pub category: Category,
+    pub score: u32,
+    /// Another category scoring at least `multi_topic_score`.
+    pub multi_topic: bool,
+}
+
+impl Rules {
+    /// Parses and compiles a rule file; every error names what is wrong and where.
+    pub fn from_toml(src: &str) -> Result<Self, String> {
+        let file: RuleFile = toml::from_str(src).map_err(|e| e.to_string())?;
+        Self::compile(file)
+    }
+
+    pub fn compile(file: RuleFile) -> Result<Self, String> {
+        // Variants.
+        let trad: Vec<char> = file
+            .variants
+            .traditional
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        let simp: Vec<char> = file
+            .variants
+            .simplified
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        if trad.len() != simp.len() {
+            return Err(format!(
+                "variants: `traditional` has {} characters and `simplified` {}; they pair up one to one",
+                trad.len(),
+                simp.len()
+            ));
+        }
+        let mut to_simp: HashMap<char, char> = HashMap::new();
+        let mut to_trad: HashMap<char, char> = HashMap::new();
+        for (&t, &s) in trad.iter().zip(&simp) {
+            if t == s {
+                continue;
+            }
+            to_simp.insert(t, s);
+            to_trad.entry(s).or_insert(t);
+        }
+
+        // Categories.
+        let mut order = Vec::with_capacity(6);
+        for name in &file.categories.order {
+            let c = Category::parse(name)
+                .ok_or_else(|| format!("categories.order: unknown category `{name}`"))?;
+            if order.contains(&c) {
+                return Err(format!("categories.order: `{name}` twice"));
+            }
+            order.push(c);
+        }
+        if order.len() != 6 {
+            return Err(
+                "categories.order: must list network, billing, service, product, privacy, other"
+                    .into(),
+            );
+        }
+        let order: [Category; 6] = [order[0], order[1], order[2], order[3], order[4], order[5]];
+        let mut rank = [0u8; 6];
+        for (i, c) in order.iter().enumerate() {
+            rank[*c as usize] = i as u8;
+        }
+
+        // Rules and their keywords.
+        if file.rules.len() > MAX_RULES {
+            return Err(format!("more than {MAX_RULES} rules"));
+        }
+        let mut rules = Vec::with_capacity(file.rules.len());
+        let mut ids = HashSet::new();
+        let mut texts: Vec<String> = Vec::new();
+        let mut patterns: Vec<Pattern> = Vec::new();
+        let mut by_text: HashMap<String, usize> = HashMap::new();
+        let mut keywords = 0usize;
+        for (i, r) in file.rules.iter().enumerate() {
+            let at = format!("rule `{}`", r.id);
+            if r.id.trim().is_empty()
+                || r.id.len() > 64
+                || !r
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+            {
+                return Err(format!(
+                    "rule #{}: id must be 1-64 characters of a-z, 0-9, '.', '_', '-', ':'",
+                    i + 1
+                ));
+            }
+            if !ids.insert(r.id.clone()) {
+                return Err(format!("{at}: id used twice"));
+            }
+            let category = match &r.category {
+                Some(c) => Some(
+                    Category::parse(c).ok_or_else(|| format!("{at}: unknown category `{c}`"))?,
+                ),
+                None => None,
+            };
+            let severity = match &r.severity {
+                Some(s) => Some(Severity::parse(s, r.level).map_err(|e| format!("{at}: {e}"))?),
+                None if r.level.is_some() => {
+                    return Err(format!("{at}: `level` without `severity = \"major\"`"))
+                }
+                None => None,
+            };
+            if category.is_none() && severity.is_none() {
+                return Err(format!("{at}: needs a `category`, a `severity`, or both"));
+            }
+            if r.weight.is_some() && category.is_none() {
+                return Err(format!("{at}: `weight` without `category`"));
+            }
+            let weight = r.weight.unwrap_or(1);
+            if weight == 0 || weight > 1000 {
+                return Err(format!("{at}: weight must be 1-1000"));
+            }
+            if r.keywords.is_empty() {
+                return Err(format!("{at}: no keywords"));
+            }
+            for k in &r.keywords {
+                keywords += 1;
+                if keywords > MAX_KEYWORDS {
+                    return Err(format!("more than {MAX_KEYWORDS} keywords"));
+                }
+                let (body, prefix) = match k.trim().strip_suffix('*') {
+                    Some(b) => (b, true),
+                    None => (k.trim(), false),
+                };
+                let folded = fold(body);
+                if folded.is_empty() || folded.len() > MAX_KEYWORD_BYTES {
+                    return Err(format!(
+                        "{at}: keyword `{k}` is empty or longer than {MAX_KEYWORD_BYTES} bytes"
+                    ));
+                }
+                let first = folded.as_bytes()[0];
+                let last = folded.as_bytes()[folded.len() - 1];
+                let start_boundary = first.is_ascii_alphanumeric();
+                let end_boundary = !prefix && last.is_ascii_alphanumeric();
+                let simplified: String = folded
+                    .chars()
+                    .map(|c| *to_simp.get(&c).unwrap_or(&c))
+                    .collect();
+                let traditional: String = simplified
+                    .chars()
+                    .map(|c| *to_trad.get(&c).unwrap_or(&c))
+                    .collect();
+                for form in [folded.clone(), simplified, traditional] {
+                    let key = format!(
+                        "{}{}{form}",
+                        u8::from(start_boundary),
+                        u8::from(end_boundary)
+                    );
+                    let p = match by_text.get(&key) {
+                        Some(&p) => p,
+                        None => {
+                            texts.push(form);
+                            patterns.push(Pattern {
+                                start_boundary,
+                                end_boundary,
+                                rules: Vec::new(),
+                            });
+                            by_text.insert(key, patterns.len() - 1);
+                            patterns.len() - 1
+                        }
+                    };
+                    if !patterns[p].rules.contains(&(i as u16)) {
+                        patterns[p].rules.push(i as u16);
+                    }
+                }
+            }
+            rules.push(Rule {
+                id: r.id.clone(),
+                category,
+                weight,
+                severity,
+            });
+        }
+        for w in ENGLISH_WORDS {
+            texts.push((*w).to_string());
+            patterns.push(Pattern {
+                start_boundary: true,
+                end_boundary: true,
+                rules: Vec::new(),
+            });
+        }
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .build(&texts)
+            .map_err(|e| format!("cannot build the keyword matcher: {e}"))?;
+
+        // Escalation.
+        let vip = file
+            .escalation
+            .vip_customers
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let vip_severity = match &file.escalation.vip_severity {
+            Some(s) => Severity::parse(s, None).map_err(|e| format!("escalation.vip_severity: {e}"))?,
+            None => Severity::Urgent,
+        };
+        let flag_key = file
+            .escalation
+            .flag_key
+            .clone()
+            .unwrap_or_else(|| "escalation".into());
+
+        // Repeat.
+        let rs = &file.repeat;
+        if rs.days == 0 || rs.days > 366 {
+            return Err("repeat.days: 1-366".into());
+        }
+        let mut steps = Vec::new();
+        for s in &rs.steps {
+            if s.count < 2 || s.count as usize > super::repeat::DEPTH {
+                return Err(format!(
+                    "repeat.step.count: 2-{} (the 2nd complaint is the first repeat)",
+                    super::repeat::DEPTH
+                ));
+            }
+            let sev = Severity::parse(&s.severity, s.level)
+                .map_err(|e| format!("repeat.step (count {}): {e}", s.count))?;
+            steps.push((s.count, sev));
+        }
+        steps.sort();
+        let repeat = RepeatPolicy {
+            window_ms: i64::from(rs.days) * 86_400_000,
+            min_gap_ms: i64::from(rs.min_gap_minutes) * 60_000,
+            same_category: rs.same_category,
+            steps,
+        };
+
+        // Storm.
+        let ss = &file.storm;
+        if ss.window_secs == 0 || ss.window_secs > 86_400 {
+            return Err("storm.window_secs: 1-86400".into());
+        }
+        if ss.min_customers < 2 {
+            return Err("storm.min_customers: at least 2".into());
+        }
+        let storm = StormPolicy {
+            enabled: ss.enabled,
+            window_ms: ss.window_secs as i64 * 1000,
+            min_customers: ss.min_customers,
+            severity: Severity::parse(&ss.severity, ss.level)
+                .map_err(|e| format!("storm.severity: {e}"))?,
+            area_keys: ss.area_keys.clone(),
+        };
+
+        // SLA.
+        for k in file.sla.keys() {
+            if !Severity::ALL.iter().any(|s| s.key() == k) {
+                return Err(format!(
+                    "sla.{k}: unknown severity (general, complex, urgent, major1, major2, major3)"
+                ));
+            }
+        }
+        let mut sla = [(SlaDuration::Minutes(0), SlaDuration::Minutes(0)); 6];
+        for sev in Severity::ALL {
+            let (f, r) = match file.sla.get(sev.key()) {
+                Some(s) => (s.first_response.as_str(), s.resolution.as_str()),
+                None => default_sla(sev),
+            };
+            let f: SlaDuration = f
+                .parse()
+                .map_err(|e| format!("sla.{}.first_response: {e}", sev.key()))?;
+            let r: SlaDuration = r
+                .parse()
+                .map_err(|e| format!("sla.{}.resolution: {e}", sev.key()))?;
+            sla[sev as usize] = (f, r);
+        }
+        let calendar =
+            Calendar::from_spec(&file.calendar).map_err(|e| format!("calendar: {e}"))?;
+
+        Ok(Self {
+            version: file.version,
+            matcher,
+            patterns,
+            rules,
+            order,
+            rank,
+            hint_weight: file.categories.hint_weight,
+            min_score: file.categories.min_score.max(1),
+            multi_topic_score: file.categories.multi_topic_score,
+            vip,
+            vip_severity,
+            flag_channels: file.escalation.flag_channels,
+            flag_key,
+            repeat,
+            storm,
+            sla,
+            calendar,
+            keywords,
+        })
+    }
+
+    /// Folds `parts` into `buf` (cleared first) and runs the automaton over it.
+    pub fn scan(&self, parts: &[&str], buf: &mut String) -> TextMatch {
+        buf.clear();
+        let mut scripts = Scripts::default();
+        for p in parts {
+            if !buf.is_empty() && !buf.ends_with(' ') {
+                buf.push(' ');
+            }
+            scripts.add(fold_into(buf, p));
+        }
+        let bytes = buf.as_bytes();
+        let mut hit = [0u64; MAX_RULES / 64];
+        let mut english_words = 0;
+        for m in self.matcher.find_overlapping_iter(buf.as_str()) {
+            let p = &self.patterns[m.pattern().as_usize()];
+            if p.start_boundary && m.start() > 0 && is_word(bytes[m.start() - 1]) {
+                continue;
+            }
+            if p.end_boundary && m.end() < bytes.len() && is_word(bytes[m.end()]) {
+                continue;
+            }
+            if p.rules.is_empty() {
+                english_words += 1;
+                continue;
+            }
+            for &r in &p.rules {
+                hit[r as usize / 64] |= 1 << (r % 64);
+            }
+        }
+        let mut fired = Vec::new();
+        for (w, bits) in hit.iter().enumerate() {
+            let mut b = *bits;
+            while b != 0 {
+                let i = b.trailing_zeros() as usize;
+                fired.push((w * 64 + i) as u16);
+                b &= b - 1;
+            }
+        }
+        TextMatch {
+            fired,
+            scripts,
+            english_words,
+        }
+    }
+
+    /// The winning category from the rules that fired and a channel's own hint.
+    pub fn categorize(&self, fired: &[u16], hint: Option<Category>) -> CategoryDecision {
+        let mut score = [0u32; 6];
+        for &r in fired {
+            let rule = &self.rules[r as usize];
+            if let Some(c) = rule.category {
+                score[c as usize] += rule.weight;
+            }
+        }
+        if let Some(h) = hint {
+            score[h as usize] += self.hint_weight;
+        }
+        let mut best = Category::Other;
+        let mut best_score = 0;
+        for c in self.order {
+            if score[c as usize] > best_score {
+                best = c;
+                best_score = score[c as usize];
+            }
+        }
+        if best_score < self.min_score {
+            return CategoryDecision {
+                category: Category::Other,
+                score: best_score,
+                multi_topic: false,
+            };
+        }
+        let multi_topic = self.multi_topic_score > 0
+            && Category::ALL.iter().any(|&c| {
+                c != best && c != Category::Other && score[c as usize] >= self.multi_topic_score
+            });
+        CategoryDecision {
+            category: best,
+            score: best_score,
+            multi_topic,
+        }
+    }
+
+    /// Tie-break rank of a category (0 = preferred).
+    pub fn rank(&self, c: Category) -> u8 {
+        self.rank[c as usize]
+    }
+
+    /// `(first_response, resolution)` for a severity.
+    pub fn sla(&self, sev: Severity) -> (SlaDuration, SlaDuration) {
+        self.sla[sev as usize]
+    }
+}
+
+fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+version = "t1"
+[variants]
+traditional = "網絡號訊"
+simplified  = "网络号讯"
+
+[[rule]]
+id = "network.no_signal"
+category = "network"
+weight = 3
+keywords = ["没信号", "网络断了", "no signal", "outage"]
+
+[[rule]]
+id = "billing.charge"
+category = "billing"
+weight = 2
+keywords = ["扣费", "charg*", "bill"]
+
+[[rule]]
+id = "major.regulator"
+severity = "major"
+level = 2
+keywords = ["工信部", "12300", "regulator"]
+"#;
+
+    fn ids(r: &Rules, s: &str) -> Vec<String> {
+        let mut buf = String::new();
+        r.scan(&[s], &mut buf)
+            .fired
+            .iter()
+            .map(|&i| r.rules[i as usize].id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn matches_folded_text_in_both_scripts() {
+        let r = Rules::from_toml(SMALL).unwrap();
+        assert_eq!(ids(&r, "家里网络断了"), ["network.no_signal"]);
+        assert_eq!(ids(&r, "家裡網絡斷了"), Vec::<String>::new(), "斷 is not in the pairs");
+        assert_eq!(ids(&r, "我家網絡断了"), ["network.no_signal"]);
+        assert_eq!(ids(&r, "ＮＯ　ＳＩＧＮＡＬ at home"), ["network.no_signal"]);
+        assert_eq!(
+            ids(&r, "I was charged twice, I will call the regulator"),
+            ["billing.charge", "major.regulator"]
+        );
+    }
+
+    #[test]
+    fn latin_keywords_respect_word_boundaries() {
+        let r = Rules::from_toml(SMALL).unwrap();
+        assert!(ids(&r, "billion").is_empty());
+        assert_eq!(ids(&r, "my bill."), ["billing.charge"]);
+        assert_eq!(ids(&r, "charges"), ["billing.charge"]);
+        assert!(ids(&r, "discharge").is_empty());
+        assert!(ids(&r, "call 13812300000").is_empty(), "12300 inside a number");
+        assert_eq!(ids(&r, "打12300投诉"), ["major.regulator"]);
+    }
+
+    #[test]
+    fn categorize_scores_and_breaks_ties_by_order() {
+        let r = Rules::from_toml(SMALL).unwrap();
+        let mut buf = String::new();
+        let m = r.scan(&["no signal and I was charged"], &mut buf);
+        let d = r.categorize(&m.fired, None);
+        assert_eq!(d.category, Category::Network);
+        assert_eq!(d.score, 3);
+        let d = r.categorize(&m.fired, Some(Category::Billing));
+        assert_eq!(d.category, Category::Billing, "hint 4 + 2 beats 3");
+        let d = r.categorize(&[], None);
+        assert_eq!(d.category, Category::Other);
+    }
+
+    #[test]
+    fn counts_english_words() {
+        let r = Rules::from_toml(SMALL).unwrap();
+        let mut buf = String::new();
+        let m = r.scan(&["The network is down since the morning"], &mut buf);
+        assert_eq!(m.english_words, 4);
+        assert_eq!(m.scripts.language(m.english_words), Some("en"));
+    }
+
+    #[test]
+    fn rejects_bad_files_with_clear_errors() {
+        for (src, want) in [
+            ("[[rule]]\nid = \"a\"\ncategory = \"net\"\nkeywords = [\"x\"]", "unknown category"),
+            ("[[rule]]\nid = \"a\"\nkeywords = [\"x\"]", "needs a `category`"),
+            ("[[rule]]\nid = \"a\"\nseverity = \"major\"\nkeywords = [\"x\"]", "level"),
+            ("[[rule]]\nid = \"a\"\ncategory = \"network\"\nkeywords = []", "no keywords"),
+            ("[[rule]]\nid = \"a\"\ncategory = \"network\"\nkeywords = [\" \"]", "empty"),
+            (
+                "[[rule]]\nid = \"a\"\ncategory = \"network\"\nkeywords = [\"x\"]\n[[rule]]\nid = \"a\"\ncategory = \"network\"\nkeywords = [\"y\"]",
+                "twice",
+            ),
+            ("[variants]\ntraditional = \"網絡\"\nsimplified = \"网\"", "one to one"),
+            ("[sla.major4]\nfirst_response = \"1h\"\nresolution = \"1h\"", "unknown severity"),
+            ("[sla.urgent]\nfirst_response = \"1y\"\nresolution = \"1h\"", "sla.urgent.first_response"),
+            ("[calendar]\ntime_zone = \"Mars/Olympus\"", "calendar"),
+            ("[storm]\nmin_customers = 1", "storm.min_customers"),
+            ("[repeat]\ndays = 0", "repeat.days"),
+            ("[categories]\norder = [\"network\"]", "categories.order"),
+            ("bogus = 1", "unknown field"),
+        ] {
+            let e = Rules::from_toml(src).unwrap_err();
+            assert!(e.contains(want), "{src:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn severity_parses_and_orders() {
+        assert_eq!(Severity::parse("major", Some(1)).unwrap(), Severity::Major1);
+        assert_eq!(Severity::parse("major3", None).unwrap(), Severity::Major3);
+        assert!(Severity::parse("urgent", Some(1)).is_err());
+        assert!(Severity::Major1 > Severity::Major3);
+        assert!(Severity::Major3 > Severity::Urgent);
+        assert_eq!(Severity::Major2.name(), "major");
+        assert_eq!(Severity::Major2.level(), Some(2));
+    }
+}
