@@ -159,7 +159,7 @@ impl Triager {
             m
         });
         let hint = i.category_hint.and_then(|(c, _)| Category::parse(c));
-        let decision = rules.categorize(&m.fired, hint);
+        let decision = rules.categorize(&m.fired, &m.hits, hint);
         let category = decision.category;
         let mut reasons: Vec<String> = Vec::with_capacity(m.fired.len() + 2);
         let mut severity = Severity::General;

@@ -12,8 +12,10 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Most rules a file may hold (rule hits are tracked in a fixed bitset).
+/// Most rules a file may hold.
 pub const MAX_RULES: usize = 512;
+/// Separate matches of one rule that add to its category's score.
+pub const MAX_HITS: u8 = 3;
 /// Most keywords (before Traditional/Simplified expansion).
 pub const MAX_KEYWORDS: usize = 20_000;
 const MAX_KEYWORD_BYTES: usize = 200;
@@ -482,6 +484,9 @@ const ENGLISH_WORDS: &[&str] = &[
 pub struct TextMatch {
     /// Indexes of the rules that fired, ascending.
     pub fired: Vec<u16>,
+    /// For each fired rule (same order), how many separate places of the text it matched,
+    /// at most `MAX_HITS`: overlapping keywords of one rule ("网速", "网速慢") count once.
+    pub hits: Vec<u8>,
     pub scripts: Scripts,
     pub english_words: u32,
 }
@@ -797,7 +802,9 @@ impl Rules {
             scripts.add(fold_into(buf, p));
         }
         let bytes = buf.as_bytes();
-        let mut hit = [0u64; MAX_RULES / 64];
+        // Per rule: separate matches so far, and where its last counted match ended.
+        let mut count = vec![0u8; self.rules.len()];
+        let mut last_end = vec![0usize; self.rules.len()];
         let mut english_words = 0;
         for m in self.matcher.find_overlapping_iter(buf.as_str()) {
             let p = &self.patterns[m.pattern().as_usize()];
@@ -812,32 +819,37 @@ impl Rules {
                 continue;
             }
             for &r in &p.rules {
-                hit[r as usize / 64] |= 1 << (r % 64);
+                let r = r as usize;
+                if count[r] == 0 || m.start() >= last_end[r] {
+                    count[r] = count[r].saturating_add(1).min(MAX_HITS);
+                }
+                last_end[r] = last_end[r].max(m.end());
             }
         }
         let mut fired = Vec::new();
-        for (w, bits) in hit.iter().enumerate() {
-            let mut b = *bits;
-            while b != 0 {
-                let i = b.trailing_zeros() as usize;
-                fired.push((w * 64 + i) as u16);
-                b &= b - 1;
+        let mut hits = Vec::new();
+        for (r, &c) in count.iter().enumerate() {
+            if c > 0 {
+                fired.push(r as u16);
+                hits.push(c);
             }
         }
         TextMatch {
             fired,
+            hits,
             scripts,
             english_words,
         }
     }
 
     /// The winning category from the rules that fired and a channel's own hint.
-    pub fn categorize(&self, fired: &[u16], hint: Option<Category>) -> CategoryDecision {
+    /// A rule's vote is its weight times the places it matched (`hits`, capped at `MAX_HITS`).
+    pub fn categorize(&self, fired: &[u16], hits: &[u8], hint: Option<Category>) -> CategoryDecision {
         let mut score = [0u32; 6];
-        for &r in fired {
+        for (&r, &h) in fired.iter().zip(hits) {
             let rule = &self.rules[r as usize];
             if let Some(c) = rule.category {
-                score[c as usize] += rule.weight;
+                score[c as usize] += rule.weight * u32::from(h);
             }
         }
         if let Some(h) = hint {
@@ -951,12 +963,12 @@ keywords = ["工信部", "12300", "regulator"]
         let r = Rules::from_toml(SMALL).unwrap();
         let mut buf = String::new();
         let m = r.scan(&["no signal and I was charged"], &mut buf);
-        let d = r.categorize(&m.fired, None);
+        let d = r.categorize(&m.fired, &m.hits, None);
         assert_eq!(d.category, Category::Network);
         assert_eq!(d.score, 3);
-        let d = r.categorize(&m.fired, Some(Category::Billing));
+        let d = r.categorize(&m.fired, &m.hits, Some(Category::Billing));
         assert_eq!(d.category, Category::Billing, "hint 4 + 2 beats 3");
-        let d = r.categorize(&[], None);
+        let d = r.categorize(&[], &[], None);
         assert_eq!(d.category, Category::Other);
     }
 
