@@ -31,7 +31,8 @@ fn pipeline_bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cfg = Config::default();
     cfg.limits.enabled = false;
-    let pipeline = rt.block_on(async { Pipeline::new(&cfg, Arc::new(MemorySink::default())).unwrap() });
+    let pipeline =
+        rt.block_on(async { Pipeline::new(&cfg, Arc::new(MemorySink::default())).unwrap() });
     let ctx = RequestCtx {
         peer: "127.0.0.1".parse().unwrap(),
         channel: "api",

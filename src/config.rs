@@ -677,13 +677,21 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml_str(&text, env).map_err(|e| match e {
+        let mut cfg = Self::from_toml_str(&text, env).map_err(|e| match e {
             ConfigError::Syntax { message, .. } => ConfigError::Syntax {
                 path: path.to_path_buf(),
                 message,
             },
             other => other,
-        })
+        })?;
+        // The rule file lives beside the config: a relative path is relative to its directory.
+        let rules = &cfg.triage.rules_file;
+        if !rules.as_os_str().is_empty() && rules.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.triage.rules_file = dir.join(rules);
+            }
+        }
+        Ok(cfg)
     }
 
     pub fn from_toml_str(
@@ -1101,11 +1109,14 @@ mod tests {
         assert_eq!(cfg.dedupe.provider_id_window_secs, 8 * 24 * 3600);
         assert!(!cfg.kafka_enabled(), "shipped config runs on the spool");
         // The shipped rule file is the one compiled in, and it checks out.
-        assert_eq!(cfg.triage.rules_file, Path::new("config/triage.toml"));
-        let shipped = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(&cfg.triage.rules_file),
-        )
-        .unwrap();
+        assert_eq!(cfg.triage.rules_file, Path::new("triage.toml"));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchboard.toml");
+        let loaded = Config::load(&path, env(&[])).unwrap();
+        assert_eq!(
+            loaded.triage.rules_file,
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/triage.toml")
+        );
+        let shipped = std::fs::read_to_string(&loaded.triage.rules_file).unwrap();
         assert_eq!(shipped, crate::triage::DEFAULT_RULES);
         crate::triage::Triager::check(&TriageConfig::default()).unwrap();
     }

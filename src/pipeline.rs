@@ -602,7 +602,10 @@ mod tests {
 
     fn pipeline() -> (Arc<Pipeline>, Arc<MemorySink>) {
         let sink = Arc::new(MemorySink::default());
-        (Pipeline::new(&Config::default(), sink.clone()).unwrap(), sink)
+        (
+            Pipeline::new(&Config::default(), sink.clone()).unwrap(),
+            sink,
+        )
     }
 
     fn ctx() -> RequestCtx {

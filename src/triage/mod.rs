@@ -68,7 +68,7 @@ pub struct Triager {
 }
 
 thread_local! {
-    static BUF: RefCell<String> = RefCell::new(String::with_capacity(4096));
+    static SCRATCH: RefCell<rules::Scratch> = RefCell::new(rules::Scratch::default());
 }
 
 /// Where rules come from, for logs: the file, or the compiled-in default.
@@ -149,12 +149,13 @@ impl Triager {
 
     pub fn assess(&self, i: &Input<'_>) -> Outcome {
         let rules = self.rules.load();
-        let m = BUF.with(|b| {
+        let m = SCRATCH.with(|b| {
             let mut b = b.borrow_mut();
             let parts = [i.subject.unwrap_or(""), i.text];
             let m = rules.scan(&parts, &mut b);
-            if b.capacity() > 64 * 1024 {
-                *b = String::with_capacity(4096);
+            // A huge text does not pin its buffer to the thread.
+            if b.text.capacity() > 64 * 1024 {
+                b.text = String::new();
             }
             m
         });
@@ -270,7 +271,7 @@ impl Triager {
             triage,
             severity,
             category,
-            language: m.scripts.language(m.english_words),
+            language: m.scripts.language(),
             mark: count.mark,
             first_response_due,
         }
@@ -295,11 +296,16 @@ impl Triager {
 
 fn describe(r: &Rules, file: Option<&PathBuf>) -> String {
     format!(
-        "triage rules {} ({}): {} rules, {} keywords, calendar {}",
-        if r.version.is_empty() { "-" } else { &r.version },
+        "triage rules {} ({}): {} rules, {} keywords ({} KiB automaton), calendar {}",
+        if r.version.is_empty() {
+            "-"
+        } else {
+            &r.version
+        },
         file.map_or("built-in".to_string(), |p| p.display().to_string()),
         r.rules.len(),
         r.keywords,
+        r.memory() / 1024,
         r.calendar.time_zone(),
     )
 }

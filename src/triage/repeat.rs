@@ -95,19 +95,17 @@ impl Repeats {
     /// Counts a durable complaint.
     pub fn commit(&self, p: &RepeatPolicy, m: Mark) {
         let since = m.at - p.window_ms;
-        self.cache
-            .entry(m.key)
-            .and_upsert_with(|e| {
-                let old = e.map(|e| e.into_value()).unwrap_or_default();
-                let mut h = History::default();
-                for i in 0..old.len as usize {
-                    if old.at[i] > since {
-                        push(&mut h, old.at[i], old.thread[i]);
-                    }
+        self.cache.entry(m.key).and_upsert_with(|e| {
+            let old = e.map(|e| e.into_value()).unwrap_or_default();
+            let mut h = History::default();
+            for i in 0..old.len as usize {
+                if old.at[i] > since {
+                    push(&mut h, old.at[i], old.thread[i]);
                 }
-                push(&mut h, m.at, m.thread);
-                h
-            });
+            }
+            push(&mut h, m.at, m.thread);
+            h
+        });
     }
 
     /// Customers remembered (approximate; for the gauge).
@@ -163,7 +161,11 @@ mod tests {
         let p = policy();
         let t0 = 1_800_000_000_000;
         assert_eq!(complain(&r, &p, t0, 0), 1);
-        assert_eq!(complain(&r, &p, t0 + 10 * 60_000, 0), 1, "10 minutes later: same contact");
+        assert_eq!(
+            complain(&r, &p, t0 + 10 * 60_000, 0),
+            1,
+            "10 minutes later: same contact"
+        );
         assert_eq!(complain(&r, &p, t0 + D, 0), 2);
         assert_eq!(p.severity_for(2), Some(Severity::Complex));
         assert_eq!(complain(&r, &p, t0 + 2 * D, 0), 3);
@@ -179,7 +181,11 @@ mod tests {
         let p = policy();
         let t0 = 1_800_000_000_000;
         assert_eq!(complain(&r, &p, t0, 7), 1);
-        assert_eq!(complain(&r, &p, t0 + 5 * H, 7), 1, "same thread hours later");
+        assert_eq!(
+            complain(&r, &p, t0 + 5 * H, 7),
+            1,
+            "same thread hours later"
+        );
         assert_eq!(complain(&r, &p, t0 + 6 * H, 8), 2, "another thread");
     }
 
@@ -189,7 +195,11 @@ mod tests {
         let p = policy();
         let t0 = 1_800_000_000_000;
         assert_eq!(r.assess(&p, 42, t0, 0).count, 1);
-        assert_eq!(r.assess(&p, 42, t0 + D, 0).count, 1, "the first was never durable");
+        assert_eq!(
+            r.assess(&p, 42, t0 + D, 0).count,
+            1,
+            "the first was never durable"
+        );
     }
 
     #[test]

@@ -285,9 +285,17 @@ mod tests {
         s.observe(r, W, 2);
         r.area = 2;
         r.customer = 2;
-        assert_eq!(s.observe(r, W, 2), Joined::No, "another area: its own bucket");
+        assert_eq!(
+            s.observe(r, W, 2),
+            Joined::No,
+            "another area: its own bucket"
+        );
         r.area = 3;
-        assert_eq!(s.observe(r, W, 2), Joined::No, "over the bucket cap: untracked");
+        assert_eq!(
+            s.observe(r, W, 2),
+            Joined::No,
+            "over the bucket cap: untracked"
+        );
         assert_eq!(s.buckets(), 2);
         // Customer cap: past it, everyone joins the running incident.
         let mut ids = Vec::new();

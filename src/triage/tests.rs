@@ -34,7 +34,11 @@ fn built_in_rules_load() {
 fn categorizes_and_sets_sla_from_severity() {
     let t = triager();
     let m = BTreeMap::new();
-    let o = t.assess(&input("家里手机一直没信号，打电话也打不出去", "+8613800000001", &m));
+    let o = t.assess(&input(
+        "家里手机一直没信号，打电话也打不出去",
+        "+8613800000001",
+        &m,
+    ));
     assert_eq!(o.triage.category, "network");
     assert_eq!(o.triage.severity, "general");
     assert_eq!(o.language, Some("zh"));
@@ -112,8 +116,9 @@ fn repeat_complaints_escalate_once_durable() {
 #[test]
 fn storms_share_an_incident_id() {
     let t = triager();
-    let m: BTreeMap<String, String> =
-        [("area".to_string(), "Haidian".to_string())].into_iter().collect();
+    let m: BTreeMap<String, String> = [("area".to_string(), "Haidian".to_string())]
+        .into_iter()
+        .collect();
     let keys: Vec<String> = (0..30).map(|i| format!("+86138000001{i:02}")).collect();
     let mut incidents = Vec::new();
     for (n, k) in keys.iter().enumerate() {
@@ -122,11 +127,16 @@ fn storms_share_an_incident_id() {
         incidents.push(t.assess(&i).triage.incident);
     }
     assert!(incidents[..19].iter().all(Option::is_none));
-    let id = incidents[19].clone().expect("the 20th customer opens the incident");
-    assert!(incidents[19..].iter().all(|i| i.as_deref() == Some(id.as_str())));
+    let id = incidents[19]
+        .clone()
+        .expect("the 20th customer opens the incident");
+    assert!(incidents[19..]
+        .iter()
+        .all(|i| i.as_deref() == Some(id.as_str())));
     // Another area is not part of it.
-    let other: BTreeMap<String, String> =
-        [("area".to_string(), "Chaoyang".to_string())].into_iter().collect();
+    let other: BTreeMap<String, String> = [("area".to_string(), "Chaoyang".to_string())]
+        .into_iter()
+        .collect();
     let o = t.assess(&input("我们这里突然没信号了", "+8613900000000", &other));
     assert_eq!(o.triage.incident, None);
 }
@@ -146,18 +156,31 @@ fn reload_keeps_old_rules_on_a_bad_file() {
     };
     let t = Triager::new(&cfg).unwrap();
     let m = BTreeMap::new();
-    assert_eq!(t.assess(&input("zzz", "a@b.cn", &m)).triage.category, "network");
-    std::fs::write(&path, "[[rule]]\nid = \"x\"\ncategory = \"nope\"\nkeywords = [\"zzz\"]\n").unwrap();
+    assert_eq!(
+        t.assess(&input("zzz", "a@b.cn", &m)).triage.category,
+        "network"
+    );
+    std::fs::write(
+        &path,
+        "[[rule]]\nid = \"x\"\ncategory = \"nope\"\nkeywords = [\"zzz\"]\n",
+    )
+    .unwrap();
     let e = t.reload().unwrap_err();
     assert!(e.contains("unknown category"), "{e}");
-    assert_eq!(t.assess(&input("zzz", "a@b.cn", &m)).triage.category, "network");
+    assert_eq!(
+        t.assess(&input("zzz", "a@b.cn", &m)).triage.category,
+        "network"
+    );
     std::fs::write(
         &path,
         "version = \"b\"\n[[rule]]\nid = \"x\"\ncategory = \"billing\"\nweight = 2\nkeywords = [\"zzz\"]\n",
     )
     .unwrap();
     assert!(t.reload().unwrap().contains("triage rules b"));
-    assert_eq!(t.assess(&input("zzz", "a@b.cn", &m)).triage.category, "billing");
+    assert_eq!(
+        t.assess(&input("zzz", "a@b.cn", &m)).triage.category,
+        "billing"
+    );
 }
 
 #[test]

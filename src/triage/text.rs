@@ -24,116 +24,248 @@ pub struct Scripts {
     pub other: u32,
     /// Runs of ASCII letters (Latin words).
     pub words: u32,
+    /// Of those, English function words ("the", "my", "is" ...).
+    pub english: u32,
 }
 
-/// Appends `s` folded to `out`: full-width → half-width, lowercase, whitespace runs → one space.
-/// Returns the script counts of what it folded.
-pub fn fold_into(out: &mut String, s: &str) -> Scripts {
-    let mut k = Scripts::default();
-    let mut in_word = false;
-    let mut space = out.is_empty() || out.ends_with(' ');
-    for c in s.chars() {
-        let c = match c {
-            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
-            // Typographic apostrophes, so `can’t` matches `can't`.
-            '\u{2018}' | '\u{2019}' => '\'',
-            _ => c,
-        };
-        if c.is_ascii() {
-            if c.is_ascii_alphabetic() {
-                k.ascii += 1;
-                if !in_word {
-                    k.words += 1;
-                    in_word = true;
-                }
-                out.push(c.to_ascii_lowercase());
-                space = false;
-                continue;
+/// Appends `s` folded to `out`: full-width → half-width, lowercase, whitespace and control
+/// characters → a space (the pipeline has already collapsed whitespace runs). ASCII runs and CJK
+/// ideographs are copied in bulk; other characters are decoded one by one.
+pub fn fold_into(out: &mut String, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x80 {
+            // The end of the ASCII run, 16 bytes at a time (`is_ascii` checks words at once).
+            let mut end = i;
+            while end + 16 <= bytes.len() && bytes[end..end + 16].is_ascii() {
+                end += 16;
             }
-            in_word = false;
-            if c.is_ascii_whitespace() || c.is_ascii_control() {
-                if !space {
-                    out.push(' ');
-                    space = true;
-                }
-                continue;
+            while end < bytes.len() && bytes[end] < 0x80 {
+                end += 1;
             }
-            out.push(c);
-            space = false;
+            // ASCII positions are character boundaries: copy the run, lowercase it in place.
+            let run = &s[i..end];
+            // A fold, not `any`: no early exit, so it vectorises.
+            if run.bytes().fold(false, |c, b| c | (b < 0x20) | (b == 0x7F)) {
+                for c in run.chars() {
+                    out.push(if c.is_ascii_control() {
+                        ' '
+                    } else {
+                        c.to_ascii_lowercase()
+                    });
+                }
+            } else {
+                let at = out.len();
+                out.push_str(run);
+                out[at..].make_ascii_lowercase();
+            }
+            i = end;
             continue;
         }
-        in_word = false;
-        let u = c as u32;
-        match u {
-            0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0xF900..=0xFAFF | 0x20000..=0x3FFFF => {
-                k.han += 1;
-                out.push(c);
+        if (0xE4..=0xE9).contains(&b) {
+            // U+4000–U+9FFF: CJK ideographs (no case), copied as they are, a run at a time.
+            let start = i;
+            while i + 3 <= bytes.len() && (0xE4..=0xE9).contains(&bytes[i]) {
+                i += 3;
             }
-            0x3040..=0x30FF => {
-                k.kana += 1;
-                out.push(c);
-            }
-            0xAC00..=0xD7AF | 0x1100..=0x11FF | 0x3130..=0x318F => {
-                k.hangul += 1;
-                out.push(c);
-            }
-            // CJK punctuation and symbols: no case, not letters.
-            0x3000..=0x303F | 0xFF00..=0xFFEF | 0x2000..=0x206F => {
-                if c == '\u{3000}' || c.is_whitespace() {
-                    if !space {
-                        out.push(' ');
-                        space = true;
-                    }
-                    continue;
-                }
-                out.push(c);
-            }
-            _ => {
-                if c.is_whitespace() {
-                    if !space {
-                        out.push(' ');
-                        space = true;
-                    }
-                    continue;
-                }
-                if c.is_alphabetic() {
-                    if (0x00C0..=0x024F).contains(&u) {
-                        k.accented += 1;
-                    } else {
-                        k.other += 1;
-                    }
-                    out.extend(c.to_lowercase());
-                } else {
-                    out.push(c);
-                }
+            if i > start {
+                out.push_str(&s[start..i]);
+                continue;
             }
         }
-        space = false;
+        // Another multi-byte character: `s` is valid UTF-8 and `i` is on a boundary.
+        let Some(c) = s[i..].chars().next() else {
+            break;
+        };
+        i += c.len_utf8();
+        match c {
+            '\u{FF01}'..='\u{FF5E}' => {
+                let a = char::from_u32(c as u32 - 0xFEE0).unwrap_or(c);
+                out.push(a.to_ascii_lowercase());
+            }
+            // Typographic apostrophes, so `can’t` matches `can't`.
+            '\u{2018}' | '\u{2019}' => out.push('\''),
+            c if c.is_whitespace() => out.push(' '),
+            c if (c as u32) < 0x0530 && c.is_alphabetic() => out.extend(c.to_lowercase()),
+            c => out.push(c),
+        }
     }
-    k
 }
 
-/// Folds a whole string (keywords, tests).
+/// English function words (a `match` on byte strings compiles to a length switch and compares).
+fn is_english_word(w: &[u8]) -> bool {
+    matches!(
+        w,
+        b"a" | b"all"
+            | b"an"
+            | b"and"
+            | b"any"
+            | b"are"
+            | b"at"
+            | b"be"
+            | b"been"
+            | b"but"
+            | b"by"
+            | b"can"
+            | b"can't"
+            | b"cannot"
+            | b"did"
+            | b"do"
+            | b"does"
+            | b"don't"
+            | b"for"
+            | b"from"
+            | b"had"
+            | b"has"
+            | b"have"
+            | b"here"
+            | b"i"
+            | b"i'm"
+            | b"i've"
+            | b"in"
+            | b"is"
+            | b"it"
+            | b"it's"
+            | b"me"
+            | b"my"
+            | b"no"
+            | b"not"
+            | b"of"
+            | b"on"
+            | b"or"
+            | b"our"
+            | b"please"
+            | b"since"
+            | b"still"
+            | b"that"
+            | b"the"
+            | b"their"
+            | b"there"
+            | b"they"
+            | b"this"
+            | b"to"
+            | b"too"
+            | b"very"
+            | b"was"
+            | b"we"
+            | b"were"
+            | b"what"
+            | b"when"
+            | b"why"
+            | b"will"
+            | b"with"
+            | b"would"
+            | b"you"
+            | b"your"
+    )
+}
+
+/// Folds a whole string (keywords, tests), collapsing whitespace runs to one space.
 pub fn fold(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     fold_into(&mut out, s);
-    let t = out.trim();
-    if t.len() == out.len() {
-        out
-    } else {
-        t.to_string()
-    }
+    out.split(' ')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Scripts {
-    pub fn add(&mut self, o: Scripts) {
-        self.han += o.han;
-        self.kana += o.kana;
-        self.hangul += o.hangul;
-        self.ascii += o.ascii;
-        self.accented += o.accented;
-        self.other += o.other;
-        self.words += o.words;
+    /// Counts the letters of the first `limit` bytes of folded text, by script: a sample is
+    /// enough to tell the language, and keeps the cost flat for long texts.
+    pub fn sample(folded: &[u8], limit: usize) -> Scripts {
+        let end = folded.len().min(limit);
+        let sample = &folded[..end];
+        if sample.is_ascii() {
+            // The common Latin case without the per-character decoding below.
+            let mut k = Scripts {
+                ascii: sample.iter().filter(|b| b.is_ascii_alphabetic()).count() as u32,
+                ..Default::default()
+            };
+            let mut words = sample
+                .split(|b| !(b.is_ascii_alphabetic() || *b == b'\''))
+                .filter(|w| w.iter().any(u8::is_ascii_alphabetic))
+                .peekable();
+            while let Some(w) = words.next() {
+                k.words += 1;
+                // A word cut by the sample's end counts only if the text ends there too.
+                let last = words.peek().is_none();
+                if is_english_word(w)
+                    && !(last
+                        && end < folded.len()
+                        && w.as_ptr_range().end == sample.as_ptr_range().end)
+                {
+                    k.english += 1;
+                }
+            }
+            return k;
+        }
+        let mut k = Scripts::default();
+        // Where the current Latin word started (letters and apostrophes), if in one.
+        let mut word: Option<usize> = None;
+        let mut i = 0;
+        while i < end {
+            let b = folded[i];
+            if b.is_ascii_alphabetic() || (b == b'\'' && word.is_some()) {
+                if b != b'\'' {
+                    k.ascii += 1;
+                }
+                if word.is_none() {
+                    k.words += 1;
+                    word = Some(i);
+                }
+                i += 1;
+                continue;
+            }
+            if let Some(w) = word.take() {
+                if is_english_word(&folded[w..i]) {
+                    k.english += 1;
+                }
+            }
+            if b < 0x80 {
+                i += 1;
+                continue;
+            }
+            if (0xE4..=0xE9).contains(&b) {
+                k.han += 1;
+                i += 3;
+                continue;
+            }
+            // Decode one character (at most 4 bytes); a cut one at the end is not counted.
+            let len = match b {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let Some(c) = folded
+                .get(i..i + len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.chars().next())
+            else {
+                i += 1;
+                continue;
+            };
+            i += len;
+            match c as u32 {
+                0x3000..=0x303F | 0xFF00..=0xFFEF | 0x2000..=0x206F => {}
+                0x3400..=0x4DBF | 0xF900..=0xFAFF | 0x20000..=0x3FFFF => k.han += 1,
+                0x3040..=0x30FF => k.kana += 1,
+                0xAC00..=0xD7AF | 0x1100..=0x11FF | 0x3130..=0x318F => k.hangul += 1,
+                0x00C0..=0x024F if c.is_alphabetic() => k.accented += 1,
+                _ if c.is_alphabetic() => k.other += 1,
+                _ => {}
+            }
+        }
+        // A word running into the end of the sample counts only if the text ends there too.
+        if let Some(w) = word {
+            if end == folded.len() && is_english_word(&folded[w..end]) {
+                k.english += 1;
+            }
+        }
+        k
     }
 
     /// The language of a text from its scripts and how many English function words it has:
@@ -144,7 +276,8 @@ impl Scripts {
     /// ("我的iPhone 15没信号") is Chinese when it has at least a quarter as many Han characters as
     /// Latin letters. Latin text is English when it has English function words (or is a short
     /// phrase without diacritics); other Latin-script languages come out as `other`.
-    pub fn language(&self, english_words: u32) -> Option<&'static str> {
+    pub fn language(&self) -> Option<&'static str> {
+        let english_words = self.english;
         let latin = self.ascii + self.accented;
         let cjk = self.han + self.kana;
         if self.hangul >= 2 && self.hangul >= cjk && self.hangul * 4 >= latin {
@@ -192,38 +325,58 @@ mod tests {
         assert_eq!(fold("ÉTÉ Straße"), "été straße");
         assert_eq!(fold("网络，信号。"), "网络,信号。");
         assert_eq!(fold("１２３００"), "12300");
+        assert_eq!(fold("can’t ＡＢＣ"), "can't abc");
+        let mut out = String::new();
+        fold_into(&mut out, "A\nb");
+        assert_eq!(out, "a b");
+    }
+
+    fn scripts(s: &str) -> Scripts {
+        let mut out = String::new();
+        fold_into(&mut out, s);
+        Scripts::sample(out.as_bytes(), 512)
     }
 
     #[test]
     fn counts_scripts() {
-        let mut s = String::new();
-        let k = fold_into(&mut s, "我的iPhone 15 没信号");
+        let k = scripts("我的iPhone 15 没信号");
         assert_eq!(k.han, 5);
         assert_eq!(k.ascii, 6);
         assert_eq!(k.words, 1);
-        let k = fold_into(&mut s, "ネットが遅い");
+        let k = scripts("ネットが遅い");
         assert_eq!(k.kana, 5);
         assert_eq!(k.han, 1);
+        // The sample stops at a character boundary.
+        let long = "信".repeat(400);
+        assert_eq!(scripts(&long).han, 171, "512 bytes: 170 and a part");
     }
 
-    fn lang(s: &str, en: u32) -> Option<&'static str> {
-        let mut out = String::new();
-        fold_into(&mut out, s).language(en)
+    fn lang(s: &str) -> Option<&'static str> {
+        scripts(s).language()
+    }
+
+    #[test]
+    fn english_word_list_is_sorted_and_counted() {
+        let en = |s: &[u8], limit| Scripts::sample(s, limit).english;
+        assert_eq!(en(b"the network is down since the morning", 512), 4);
+        assert_eq!(en(b"there's nothing", 512), 0);
+        assert_eq!(en(b"the the the", 4), 1);
+        assert_eq!(en(b"i can't", 512), 2);
     }
 
     #[test]
     fn detects_languages() {
-        assert_eq!(lang("我的手机没有信号", 0), Some("zh"));
-        assert_eq!(lang("我的iPhone 15 Pro没信号", 0), Some("zh"));
-        assert_eq!(lang("我嘅網絡好慢", 0), Some("zh"));
-        assert_eq!(lang("My phone has no signal since Monday", 3), Some("en"));
-        assert_eq!(lang("Billing error", 0), Some("en"));
-        assert_eq!(lang("No tengo señal desde ayer en mi casa", 0), Some("other"));
-        assert_eq!(lang("Mein Internet ist seit gestern kaputt", 0), Some("other"));
-        assert_eq!(lang("インターネットが遅いです", 0), Some("ja"));
-        assert_eq!(lang("인터넷이 안 돼요", 0), Some("ko"));
-        assert_eq!(lang("Интернет не работает", 0), Some("other"));
-        assert_eq!(lang("13800138000 !!!", 0), None);
-        assert_eq!(lang("", 0), None);
+        assert_eq!(lang("我的手机没有信号"), Some("zh"));
+        assert_eq!(lang("我的iPhone 15 Pro没信号"), Some("zh"));
+        assert_eq!(lang("我嘅網絡好慢"), Some("zh"));
+        assert_eq!(lang("My phone has no signal since Monday"), Some("en"));
+        assert_eq!(lang("Billing error"), Some("en"));
+        assert_eq!(lang("No tengo señal desde ayer en mi casa"), Some("other"));
+        assert_eq!(lang("Mein Internet ist seit gestern kaputt"), Some("other"));
+        assert_eq!(lang("インターネットが遅いです"), Some("ja"));
+        assert_eq!(lang("인터넷이 안 돼요"), Some("ko"));
+        assert_eq!(lang("Интернет не работает"), Some("other"));
+        assert_eq!(lang("13800138000 !!!"), None);
+        assert_eq!(lang(""), None);
     }
 }
