@@ -95,6 +95,10 @@ fn main() -> ExitCode {
                 Ok(s) => println!("{s}"),
                 Err(e) => return fail(&e.to_string()),
             }
+            match switchboard::triage::Triager::check(&cfg.triage) {
+                Ok(summary) => eprintln!("switchboard: {summary}"),
+                Err(e) => return fail(&format!("triage rules: {e}")),
+            }
             eprintln!("switchboard: configuration is valid");
             Ok(())
         }
