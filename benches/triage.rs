@@ -86,6 +86,26 @@ fn bench(c: &mut Criterion) {
         });
         g.finish();
     }
+    // What a record costs besides its text: repeat lookup, SLA, storm (no key terms), record
+    // fields. Subtract from the figures above to see the text's share.
+    let mut g = c.benchmark_group("triage_fixed");
+    let mut n = 0u64;
+    g.bench_function("assess_empty_text", |b| {
+        b.iter(|| {
+            n += 1;
+            black_box(t.assess(&Input {
+                received_at: t0 + Duration::milliseconds(n as i64),
+                channel: "api",
+                customer_key: "+8613800000000",
+                thread: None,
+                subject: None,
+                text: black_box(""),
+                category_hint: None,
+                metadata: &meta,
+            }))
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -76,11 +76,24 @@ pub fn fold_into(out: &mut String, s: &str) {
                 continue;
             }
         }
-        // Another multi-byte character: `s` is valid UTF-8 and `i` is on a boundary.
-        let Some(c) = s[i..].chars().next() else {
-            break;
+        // Another multi-byte character: `s` is valid UTF-8 and `i` is on a boundary. Three-byte
+        // characters (CJK punctuation, full-width forms) are decoded inline.
+        let c = if (0xE0..=0xEF).contains(&b) && i + 3 <= bytes.len() {
+            let cp = (u32::from(b & 0x0F) << 12)
+                | (u32::from(bytes[i + 1] & 0x3F) << 6)
+                | u32::from(bytes[i + 2] & 0x3F);
+            i += 3;
+            match char::from_u32(cp) {
+                Some(c) => c,
+                None => continue,
+            }
+        } else {
+            let Some(c) = s[i..].chars().next() else {
+                break;
+            };
+            i += c.len_utf8();
+            c
         };
-        i += c.len_utf8();
         match c {
             '\u{FF01}'..='\u{FF5E}' => {
                 let a = char::from_u32(c as u32 - 0xFEE0).unwrap_or(c);
@@ -234,6 +247,21 @@ impl Scripts {
                 i += 3;
                 continue;
             }
+            if (0xE0..=0xEF).contains(&b) && i + 3 <= folded.len() {
+                let cp = (u32::from(b & 0x0F) << 12)
+                    | (u32::from(folded[i + 1] & 0x3F) << 6)
+                    | u32::from(folded[i + 2] & 0x3F);
+                i += 3;
+                match cp {
+                    0x3040..=0x30FF => k.kana += 1,
+                    0x3400..=0x4DBF | 0xF900..=0xFAFF => k.han += 1,
+                    0xAC00..=0xD7AF | 0x1100..=0x11FF | 0x3130..=0x318F => k.hangul += 1,
+                    0x3000..=0x303F | 0xFF00..=0xFFEF | 0x2000..=0x206F => {}
+                    _ if char::from_u32(cp).is_some_and(char::is_alphabetic) => k.other += 1,
+                    _ => {}
+                }
+                continue;
+            }
             // Decode one character (at most 4 bytes); a cut one at the end is not counted.
             let len = match b {
                 0xC0..=0xDF => 2,
@@ -376,6 +404,7 @@ mod tests {
         assert_eq!(lang("インターネットが遅いです"), Some("ja"));
         assert_eq!(lang("인터넷이 안 돼요"), Some("ko"));
         assert_eq!(lang("Интернет не работает"), Some("other"));
+        assert_eq!(lang("อินเทอร์เน็ตใช้ไม่ได้"), Some("other"));
         assert_eq!(lang("13800138000 !!!"), None);
         assert_eq!(lang(""), None);
     }
