@@ -65,10 +65,16 @@ pub fn fold_into(out: &mut String, s: &str) {
             i = end;
             continue;
         }
-        if (0xE4..=0xE9).contains(&b) {
-            // U+4000–U+9FFF: CJK ideographs (no case), copied as they are, a run at a time.
+        if (0xE3..=0xEF).contains(&b) {
+            // Three-byte characters that folding leaves alone (CJK ideographs and punctuation,
+            // kana, hangul ...) are copied a run at a time. Only full-width letters and digits
+            // and typographic apostrophes need folding: keywords hold no other punctuation, and
+            // word boundaries look at ASCII only.
             let start = i;
-            while i + 3 <= bytes.len() && (0xE4..=0xE9).contains(&bytes[i]) {
+            while i + 3 <= bytes.len()
+                && (0xE3..=0xEF).contains(&bytes[i])
+                && !needs_fold(&bytes[i..i + 3])
+            {
                 i += 3;
             }
             if i > start {
@@ -173,6 +179,20 @@ fn is_english_word(w: &[u8]) -> bool {
             | b"would"
             | b"you"
             | b"your"
+    )
+}
+
+/// A three-byte character the fold changes: full-width digits and letters (U+FF10–FF19,
+/// U+FF21–FF3A, U+FF41–FF5A), the full-width `$`, `'` and `-` that keywords use, and the
+/// ideographic space (U+3000). Typographic apostrophes (U+2018, U+2019) have a lead byte below
+/// the range `fold_into` copies in bulk.
+fn needs_fold(c: &[u8]) -> bool {
+    matches!(
+        (c[0], c[1], c[2]),
+        (0xEF, 0xBC, 0x84 | 0x87 | 0x8D | 0x90..=0x99)
+            | (0xEF, 0xBC, 0xA1..=0xBA)
+            | (0xEF, 0xBD, 0x81..=0x9A)
+            | (0xE3, 0x80, 0x80)
     )
 }
 
@@ -349,9 +369,14 @@ mod tests {
     #[test]
     fn folds_width_case_and_space() {
         assert_eq!(fold("ＷＩＦＩ　断了"), "wifi 断了");
-        assert_eq!(fold("  No\t\n Signal！ "), "no signal!");
+        assert_eq!(
+            fold("  No\t\n Signal！ "),
+            "no signal！",
+            "punctuation stays"
+        );
+        assert_eq!(fold("ＷＩ－ＦＩ ＄５"), "wi-fi $5");
         assert_eq!(fold("ÉTÉ Straße"), "été straße");
-        assert_eq!(fold("网络，信号。"), "网络,信号。");
+        assert_eq!(fold("网络，信号。"), "网络，信号。");
         assert_eq!(fold("１２３００"), "12300");
         assert_eq!(fold("can’t ＡＢＣ"), "can't abc");
         let mut out = String::new();
