@@ -141,7 +141,16 @@ fn assign(consumer: &StreamConsumer, topic: &str, since_ms: i64) -> Result<usize
         return Err("topic has no partitions".into());
     }
     let mut by_time = TopicPartitionList::new();
+    // Each partition's end, read *before* the time lookup. `Offset::End` would be resolved later
+    // by the fetcher, so a reply produced between `assign` and that lookup would be skipped.
+    // If the time lookup then finds no reply newer than `since`, none was newer when the end
+    // was read either, so everything from that end on is new.
+    let mut ends = std::collections::HashMap::new();
     for p in t.partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        ends.insert(p.id(), high);
         by_time
             .add_partition_offset(topic, p.id(), Offset::Offset(since_ms))
             .map_err(|e| e.to_string())?;
@@ -151,9 +160,10 @@ fn assign(consumer: &StreamConsumer, topic: &str, since_ms: i64) -> Result<usize
         .map_err(|e| e.to_string())?;
     let mut tpl = TopicPartitionList::new();
     for e in offsets.elements() {
-        let start = match e.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            // No reply newer than `since`: start at the end.
+        let start = match (e.offset(), ends.get(&e.partition())) {
+            (Offset::Offset(o), _) => Offset::Offset(o),
+            // No reply newer than `since`: start where the partition ended before the lookup.
+            (_, Some(&high)) => Offset::Offset(high),
             _ => Offset::End,
         };
         tpl.add_partition_offset(topic, e.partition(), start)
