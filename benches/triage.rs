@@ -1,5 +1,6 @@
 //! Triage per record on a 1 KB complaint (Chinese and English), with the shipped rules: fold,
-//! one Aho-Corasick pass, category and severity, repeat lookup, storm bucket, SLA on the
+//! one Aho-Corasick pass (character-wise automaton for the Chinese text, the interleaved DFA walk
+//! for the ASCII one), category and severity, repeat lookup, storm bucket, SLA on the
 //! business calendar, language. The baseline in the same run is `str::to_lowercase` of the same
 //! text (one pass over the bytes that allocates), so the figures read as ratios too.
 //!

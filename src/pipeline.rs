@@ -715,7 +715,7 @@ mod tests {
         assert_eq!(r.id, out[0].id.to_string());
         assert_eq!(r.triage.category, "network");
         assert_eq!(r.triage.severity, "general");
-        assert!(r.triage.reasons.iter().any(|x| x == "network.data"));
+        assert!(r.triage.reasons.iter().any(|x| &**x == "network.data"));
         assert_eq!(r.content.text, "网络很差");
         assert_eq!(r.content.language.as_deref(), Some("zh"));
         assert!(out[0].first_response_due.is_some());

@@ -4,7 +4,9 @@
 //! Within v1 only additive changes are allowed.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const SCHEMA: &str = "complaint.v1";
 
@@ -166,12 +168,14 @@ pub struct Sla {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Triage {
-    pub category: String,
-    pub severity: String,
+    // `Cow` and `Arc` so that triage fills these without allocating: the category and severity
+    // names are static and the rule ids are shared with the rule set.
+    pub category: Cow<'static, str>,
+    pub severity: Cow<'static, str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub major_level: Option<u8>,
     pub sla: Sla,
-    pub reasons: Vec<String>,
+    pub reasons: Vec<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub incident: Option<String>,
 }

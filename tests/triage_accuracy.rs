@@ -134,7 +134,7 @@ fn measure(name: &str, set: &[Labelled]) -> Figures {
             category_hint: None,
             metadata: &c.metadata,
         });
-        let got_cat = o.triage.category.as_str();
+        let got_cat: &str = &o.triage.category;
         let e = by_category.entry(c.category.as_str()).or_default();
         e.1 += 1;
         if got_cat == c.category {

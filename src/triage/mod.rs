@@ -17,6 +17,7 @@ use crate::telemetry;
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use rules::{Category, Rules, Severity};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -64,7 +65,10 @@ pub struct Triager {
     file: Option<PathBuf>,
     repeats: repeat::Repeats,
     storms: storm::Storms,
-    hasher: std::collections::hash_map::RandomState,
+    /// Seeded per process. Customer keys come from outside, but the hashes only key bounded
+    /// tables (moka, capped storm buckets), and guessing a 64-bit collision without the seed is
+    /// impractical; foldhash is several times faster than SipHash on these short keys.
+    hasher: foldhash::quality::RandomState,
 }
 
 thread_local! {
@@ -162,11 +166,11 @@ impl Triager {
         let hint = i.category_hint.and_then(|(c, _)| Category::parse(c));
         let decision = rules.categorize(&m.fired, &m.hits, hint);
         let category = decision.category;
-        let mut reasons: Vec<String> = Vec::with_capacity(m.fired.len() + 2);
+        let mut reasons: Vec<Arc<str>> = Vec::with_capacity(m.fired.len() + 2);
         let mut severity = Severity::General;
         let mut terms = 0u128;
         if let (Some(h), Some((_, why))) = (hint, i.category_hint) {
-            reasons.push(why.to_string());
+            reasons.push(why.into());
             if h == category {
                 terms |= 1 << storm::HINT_BIT;
             }
@@ -196,7 +200,7 @@ impl Triager {
                         if s > severity {
                             severity = s;
                         }
-                        reasons.push(format!("escalation:{}", s.key()));
+                        reasons.push(format!("escalation:{}", s.key()).into());
                     }
                     Err(_) => {
                         metrics::counter!(telemetry::TRIAGE_BAD_FLAGS, "channel" => channel_label(i.channel))
@@ -216,7 +220,7 @@ impl Triager {
         let thread = i.thread.map_or(0, |t| self.hash(&[t]).max(1));
         let count = self.repeats.assess(&rules.repeat, key, now_ms, thread);
         if let Some(s) = rules.repeat.severity_for(count.count) {
-            reasons.push(format!("repeat:{}", count.count));
+            reasons.push(format!("repeat:{}", count.count).into());
             severity = severity.max(s);
         }
 
@@ -255,8 +259,8 @@ impl Triager {
         let (fr, res) = rules.sla(severity);
         let first_response_due = rules.calendar.due(i.received_at, fr);
         let triage = Triage {
-            category: category.as_str().into(),
-            severity: severity.name().into(),
+            category: Cow::Borrowed(category.as_str()),
+            severity: Cow::Borrowed(severity.name()),
             major_level: severity.level(),
             sla: Sla {
                 first_response_due: rfc3339_ms(first_response_due),

@@ -40,7 +40,7 @@ pub struct Count {
 }
 
 pub struct Repeats {
-    cache: Cache<u64, History>,
+    cache: Cache<u64, History, foldhash::fast::RandomState>,
 }
 
 impl Repeats {
@@ -51,7 +51,8 @@ impl Repeats {
             cache: Cache::builder()
                 .max_capacity(max_customers)
                 .time_to_idle(idle)
-                .build(),
+                // Keys are already seeded hashes; re-hashing them with SipHash is wasted work.
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 

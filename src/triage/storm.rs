@@ -11,7 +11,10 @@
 //! a bucket is certainly storming and new customers simply join without being remembered.
 
 use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+/// Keys are already seeded hashes (`Triager::hash`), so a fast hasher is enough.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use ulid::Ulid;
 
@@ -94,7 +97,7 @@ impl Storms {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::default()),
         }
     }
 

@@ -42,7 +42,7 @@ fn categorizes_and_sets_sla_from_severity() {
     assert_eq!(o.triage.category, "network");
     assert_eq!(o.triage.severity, "general");
     assert_eq!(o.language, Some("zh"));
-    assert!(o.triage.reasons.iter().any(|r| r == "network.no_signal"));
+    assert!(o.triage.reasons.iter().any(|r| &**r == "network.no_signal"));
     // Tuesday 10:00 Shanghai + 3 working days → Friday 10:00.
     assert_eq!(o.triage.sla.first_response_due, "2026-11-27T02:00:00.000Z");
     assert_eq!(o.triage.sla.resolution_due, "2026-12-03T02:00:00.000Z");
@@ -66,7 +66,7 @@ fn nothing_fired_is_other_general_default() {
     let o = t.assess(&input("12345678", "+8613800000003", &m));
     assert_eq!(o.triage.category, "other");
     assert_eq!(o.triage.severity, "general");
-    assert_eq!(o.triage.reasons, ["default"]);
+    assert_eq!(o.triage.reasons, [Arc::from("default")]);
     assert_eq!(o.language, None);
 }
 
@@ -79,12 +79,12 @@ fn channel_hint_and_trusted_escalation_flag() {
     i.category_hint = Some(("billing", "ivr_menu:2"));
     let o = t.assess(&i);
     assert_eq!(o.triage.category, "billing");
-    assert_eq!(o.triage.reasons[0], "ivr_menu:2");
+    assert_eq!(&*o.triage.reasons[0], "ivr_menu:2");
     assert_eq!(o.triage.severity, "general", "sms may not escalate itself");
     i.channel = "api";
     let o = t.assess(&i);
     assert_eq!(o.triage.major_level, Some(1));
-    assert!(o.triage.reasons.iter().any(|r| r == "escalation:major1"));
+    assert!(o.triage.reasons.iter().any(|r| &**r == "escalation:major1"));
 }
 
 #[test]
@@ -99,7 +99,7 @@ fn repeat_complaints_escalate_once_durable() {
     i.received_at += day;
     let second = t.assess(&i);
     assert_eq!(second.triage.severity, "complex");
-    assert!(second.triage.reasons.iter().any(|r| r == "repeat:2"));
+    assert!(second.triage.reasons.iter().any(|r| &**r == "repeat:2"));
     t.commit(second.mark);
     i.received_at += day;
     let third = t.assess(&i);

@@ -71,11 +71,16 @@ pub fn fold_into(out: &mut String, s: &str) {
             // and typographic apostrophes need folding: keywords hold no other punctuation, and
             // word boundaries look at ASCII only.
             let start = i;
-            while i + 3 <= bytes.len()
-                && (0xE3..=0xEF).contains(&bytes[i])
-                && !needs_fold(&bytes[i..i + 3])
-            {
-                i += 3;
+            while i + 3 <= bytes.len() {
+                let lead = bytes[i];
+                // Ideographs (lead bytes E4–E9) are the common case and never fold.
+                if (0xE4..=0xE9).contains(&lead)
+                    || ((0xE3..=0xEF).contains(&lead) && !needs_fold(&bytes[i..i + 3]))
+                {
+                    i += 3;
+                } else {
+                    break;
+                }
             }
             if i > start {
                 out.push_str(&s[start..i]);
@@ -213,24 +218,26 @@ impl Scripts {
         let end = folded.len().min(limit);
         let sample = &folded[..end];
         if sample.is_ascii() {
-            // The common Latin case without the per-character decoding below.
-            let mut k = Scripts {
-                ascii: sample.iter().filter(|b| b.is_ascii_alphabetic()).count() as u32,
-                ..Default::default()
-            };
-            let mut words = sample
-                .split(|b| !(b.is_ascii_alphabetic() || *b == b'\''))
-                .filter(|w| w.iter().any(u8::is_ascii_alphabetic))
-                .peekable();
-            while let Some(w) = words.next() {
+            // The common Latin case without the per-character decoding below: one pass that
+            // counts letters and checks each word as it ends.
+            let mut k = Scripts::default();
+            let mut word = usize::MAX;
+            for (i, &b) in sample.iter().enumerate() {
+                if b.is_ascii_alphabetic() {
+                    k.ascii += 1;
+                    if word == usize::MAX {
+                        word = i;
+                    }
+                } else if word != usize::MAX && b != b'\'' {
+                    k.words += 1;
+                    k.english += u32::from(is_english_word(&sample[word..i]));
+                    word = usize::MAX;
+                }
+            }
+            if word != usize::MAX {
                 k.words += 1;
                 // A word cut by the sample's end counts only if the text ends there too.
-                let last = words.peek().is_none();
-                if is_english_word(w)
-                    && !(last
-                        && end < folded.len()
-                        && w.as_ptr_range().end == sample.as_ptr_range().end)
-                {
+                if end == folded.len() && is_english_word(&sample[word..]) {
                     k.english += 1;
                 }
             }
