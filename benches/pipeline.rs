@@ -76,6 +76,58 @@ fn pipeline_bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// A Twilio inbound SMS as the form body Twilio posts (the fields a real one carries).
+const TWILIO_FORM: &str = "ToCountry=CN&ToState=&SmsMessageSid=SM0123456789abcdef0123456789abcdef&NumMedia=0&ToCity=&FromZip=&SmsSid=SM0123456789abcdef0123456789abcdef&FromState=&SmsStatus=received&FromCity=&Body=%E5%AE%BD%E5%B8%A6%E4%BB%8E%E6%98%A8%E5%A4%A9%E5%BC%80%E5%A7%8B%E6%96%AD%E7%BD%91+broadband+down+since+yesterday&FromCountry=CN&To=%2B8610690000&MessagingServiceSid=MG0123456789abcdef0123456789abcdef&ToZip=&NumSegments=1&MessageSid=SM0123456789abcdef0123456789abcdef&AccountSid=AC0123456789abcdef0123456789abcdef&From=%2B8613800138000&ApiVersion=2010-04-01";
+
+/// Authentication and body parsing on the hot path, each against a baseline in the same run:
+/// a bare SHA-256 of the same bytes (the floor of any HMAC) and a serde_json parse of the
+/// events body.
+fn auth_bench(c: &mut Criterion) {
+    use sha2::Digest;
+    use std::hint::black_box;
+    use switchboard::{auth, channels};
+
+    let secrets = vec!["current-secret".to_string(), "previous-secret".to_string()];
+    let ts = b"1764400000";
+    let sig = auth::sign_hex(&secrets[0], &[ts, b".", BODY.as_bytes()]);
+    let mut g = c.benchmark_group("auth");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("baseline_sha256_of_body", |b| {
+        b.iter(|| sha2::Sha256::digest(black_box(BODY.as_bytes())))
+    });
+    g.bench_function("events_hmac_sha256_two_secrets", |b| {
+        b.iter(|| {
+            auth::verify_hmac_sha256_hex(&secrets, &[ts, b".", black_box(BODY.as_bytes())], &sig)
+                .unwrap()
+        })
+    });
+    let url = "https://switchboard.example.cn/hooks/twilio/sms";
+    let params = channels::form_pairs(TWILIO_FORM.as_bytes());
+    let tokens = vec!["twilio-auth-token".to_string()];
+    let twilio_sig = channels::twilio::compute_signature(&tokens[0], url, &params);
+    g.bench_function("twilio_hmac_sha1_url_and_params", |b| {
+        b.iter(|| {
+            assert!(channels::twilio::verify(
+                &tokens,
+                url,
+                black_box(&params),
+                &twilio_sig
+            ))
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("baseline_serde_json_parse", |b| {
+        b.iter(|| serde_json::from_str::<serde_json::Value>(black_box(BODY)).unwrap())
+    });
+    g.bench_function("twilio_form_pairs", |b| {
+        b.iter(|| channels::form_pairs(black_box(TWILIO_FORM.as_bytes())))
+    });
+    g.finish();
+}
+
 fn spool_bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -114,5 +166,5 @@ fn spool_bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pipeline_bench, spool_bench);
+criterion_group!(benches, pipeline_bench, auth_bench, spool_bench);
 criterion_main!(benches);
