@@ -1,0 +1,147 @@
+//! The acknowledged-requests file (`--acked`): one JSON line per record the gateway
+//! acknowledged with 2xx, `{"channel":"events","key":"01K…"}`.
+//!
+//! `key` is what identifies the record in Kafka: for `events` the record `id` from the 202
+//! answer; for `twilio`, `meta` and `wechat` the provider message id the harness generated (the
+//! record's `provider_message_id`: MessageSid, wamid, MsgId). A re-sent duplicate writes its key
+//! again; readers treat keys as a set.
+
+use crate::channels::Channel;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckLine {
+    pub channel: String,
+    pub key: String,
+}
+
+impl AckLine {
+    /// Whether the key is a record id (events) rather than a provider message id.
+    pub fn is_record_id(&self) -> bool {
+        self.channel == Channel::Events.name()
+    }
+}
+
+pub struct AckWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    written: u64,
+}
+
+impl AckWriter {
+    pub fn create(path: &Path) -> Result<Self, String> {
+        let f = File::create(path)
+            .map_err(|e| format!("--acked {}: cannot create: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(1 << 16, f),
+            written: 0,
+        })
+    }
+
+    pub fn write(&mut self, channel: Channel, key: &str) -> Result<(), String> {
+        let line = AckLine {
+            channel: channel.name().to_string(),
+            key: key.to_string(),
+        };
+        serde_json::to_writer(&mut self.out, &line)
+            .map_err(|e| format!("--acked {}: write failed: {e}", self.path.display()))?;
+        self.out
+            .write_all(b"\n")
+            .map_err(|e| format!("--acked {}: write failed: {e}", self.path.display()))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Flushes and syncs; the number of lines written.
+    pub fn finish(mut self) -> Result<u64, String> {
+        self.out
+            .flush()
+            .map_err(|e| format!("--acked {}: flush failed: {e}", self.path.display()))?;
+        Ok(self.written)
+    }
+}
+
+/// Reads an acked file; blank lines are skipped, a malformed line is an error naming it.
+pub fn read(path: &Path) -> Result<Vec<AckLine>, String> {
+    let f = File::open(path).map_err(|e| format!("--acked {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("--acked {}: read failed: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let a: AckLine = serde_json::from_str(&line).map_err(|e| {
+            format!(
+                "--acked {} line {}: not an acked line ({e}); expected {{\"channel\":..,\"key\":..}}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        if Channel::from_name(&a.channel).is_none() {
+            return Err(format!(
+                "--acked {} line {}: unknown channel `{}`",
+                path.display(),
+                i + 1,
+                a.channel
+            ));
+        }
+        out.push(a);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "switchboard-loadtest-{name}-{}.jsonl",
+            ulid::Ulid::new()
+        ))
+    }
+
+    #[test]
+    fn round_trip() {
+        let path = temp("acked");
+        let mut w = AckWriter::create(&path).unwrap();
+        w.write(Channel::Events, "01KABCDEFGHJKMNPQRSTVWXYZ0")
+            .unwrap();
+        w.write(Channel::Twilio, "SM0123456789abcdef0123456789abcdef")
+            .unwrap();
+        w.write(Channel::Wechat, "6054768590064713728").unwrap();
+        w.write(Channel::Meta, "wamid.\"quoted\"\\").unwrap();
+        assert_eq!(w.finish().unwrap(), 4);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().next().unwrap(),
+            r#"{"channel":"events","key":"01KABCDEFGHJKMNPQRSTVWXYZ0"}"#
+        );
+        let back = read(&path).unwrap();
+        assert_eq!(back.len(), 4);
+        assert!(back[0].is_record_id());
+        assert!(!back[1].is_record_id());
+        assert_eq!(back[3].key, "wamid.\"quoted\"\\");
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let path = temp("bad");
+        std::fs::write(
+            &path,
+            "{\"channel\":\"events\",\"key\":\"a\"}\n\nnot json\n",
+        )
+        .unwrap();
+        let e = read(&path).unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        std::fs::write(&path, "{\"channel\":\"fax\",\"key\":\"a\"}\n").unwrap();
+        assert!(read(&path).unwrap_err().contains("unknown channel"));
+        std::fs::remove_file(&path).ok();
+        assert!(read(Path::new("/nonexistent/acked.jsonl")).is_err());
+    }
+}
