@@ -12,7 +12,11 @@
 
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+/// Keys are already SHA-256 derived, so SipHash over them is wasted work; foldhash, seeded per
+/// process, is enough.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;

@@ -349,7 +349,7 @@ impl Pipeline {
     ) -> Result<(Vec<Slot>, Vec<&'static str>), tokio::sync::watch::Receiver<Option<Ulid>>> {
         let mut slots = Vec::with_capacity(items.len());
         let mut hits = Vec::new();
-        let mut in_batch: HashMap<u128, usize> = HashMap::new();
+        let mut in_batch: HashMap<u128, usize, foldhash::fast::RandomState> = HashMap::default();
         for (i, (intake, identity, text, _)) in items.iter().enumerate() {
             let provider_key = intake
                 .provider_message_id
