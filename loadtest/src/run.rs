@@ -290,18 +290,28 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
 
     let stopped_at = match cfg.mode {
         Mode::Open { rate } => {
-            open_loop(
-                ctx.clone(),
-                gen_cfg,
-                rate,
-                start,
-                end,
-                cfg.max_in_flight,
-                tx,
-                shared.clone(),
-                stop.clone(),
-            )
+            let handle = tokio::runtime::Handle::current();
+            let (ctx, shared, stop) = (ctx.clone(), shared.clone(), stop.clone());
+            let max_in_flight = cfg.max_in_flight;
+            tokio::task::spawn_blocking(move || {
+                schedule(
+                    handle,
+                    ctx,
+                    gen_cfg,
+                    rate,
+                    start,
+                    end,
+                    max_in_flight,
+                    tx,
+                    shared,
+                    stop,
+                )
+            })
             .await
+            .unwrap_or_else(|e| {
+                eprintln!("the open-loop scheduler failed: {e}");
+                Instant::now()
+            })
         }
         Mode::Closed { concurrency } => {
             closed_loop(
@@ -355,39 +365,6 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
 /// tens of microseconds late at most) rather than tokio's timer, which rounds every deadline up
 /// to its 1 ms tick: since latency counts from the due time, a millisecond of scheduler
 /// lateness would be added to every figure. Requests are spawned onto the runtime.
-#[allow(clippy::too_many_arguments)]
-async fn open_loop(
-    ctx: Arc<Ctx>,
-    gen_cfg: Arc<GenConfig>,
-    rate: f64,
-    start: Instant,
-    end: Instant,
-    max_in_flight: usize,
-    tx: mpsc::UnboundedSender<Outcome>,
-    shared: Arc<Shared>,
-    stop: Arc<AtomicBool>,
-) -> Instant {
-    let handle = tokio::runtime::Handle::current();
-    let scheduler = tokio::task::spawn_blocking(move || {
-        schedule(
-            handle,
-            ctx,
-            gen_cfg,
-            rate,
-            start,
-            end,
-            max_in_flight,
-            tx,
-            shared,
-            stop,
-        )
-    });
-    scheduler.await.unwrap_or_else(|e| {
-        eprintln!("the open-loop scheduler failed: {e}");
-        Instant::now()
-    })
-}
-
 #[allow(clippy::too_many_arguments)]
 fn schedule(
     handle: tokio::runtime::Handle,
