@@ -17,9 +17,10 @@
 //!   patterns: one step per character, so Chinese costs a third of the steps of a byte-wise walk.
 //!
 //! On this 2-core VM, for 1 KB with the shipped keywords: English 3.5–3.7 µs walking the DFA
-//! as one stream, 1.5–1.8 µs as four, 2.5–3.1 µs with daachorse's byte-wise automaton; Chinese
-//! 2.2–2.3 µs with the character-wise automaton, 1.6–1.8 µs (four streams) to 3.4 µs (whole
-//! scan) with a DFA of all the patterns, which took 16 MB instead of 3 MB + 0.5 MB.
+//! as one stream, 1.5–1.8 µs as four, 2.5–3.1 µs with daachorse's byte-wise automaton. For
+//! Chinese a DFA of all the patterns walked as four streams was fast alone (1.6–1.8 µs) but made
+//! the whole text pass slower (3.4 µs against 2.8–3.0 µs with the character-wise automaton) and
+//! took 16 MB instead of 3 MB + 0.5 MB.
 
 use super::calendar::{Calendar, CalendarSpec, SlaDuration};
 use super::text::{fold, fold_into, Scripts};
