@@ -778,7 +778,7 @@ impl Config {
         if self
             .identity
             .default_region
-            .parse::<phonenumber::country::Id>()
+            .parse::<rlibphonenumber::enums::Region>()
             .is_err()
         {
             return Err(key_err(

@@ -5,7 +5,7 @@
 //! customer id, then the scoped social id (`platform:account:id`). Cross-channel merging beyond
 //! that is downstream's call.
 
-use phonenumber::{country, Mode};
+use rlibphonenumber::{enums::Region, PhoneNumberFormat, PHONE_NUMBER_UTIL};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
@@ -52,21 +52,21 @@ pub struct Identity {
 
 #[derive(Debug, Clone)]
 pub struct Normalizer {
-    region: country::Id,
+    region: Region,
     region_name: String,
 }
 
 impl Normalizer {
     /// `region` was validated with the config; an unknown one falls back to CN.
     pub fn new(region: &str) -> Self {
-        let id = region.parse::<country::Id>().unwrap_or(country::Id::CN);
+        let id = region.parse::<Region>().unwrap_or(Region::CN);
         Self {
             region: id,
             region_name: region.to_string(),
         }
     }
 
-    /// Loads phonenumber's metadata (≈100 ms on first use) so the first request does not pay it.
+    /// Loads libphonenumber's metadata (a few ms on first use) so the first request does not pay it.
     pub fn warm_up(&self) {
         let _ = self.phone("+8613800138000");
     }
@@ -79,11 +79,12 @@ impl Normalizer {
         if trimmed.is_empty() || trimmed.len() > 64 {
             return Err(err());
         }
-        let parsed = phonenumber::parse(Some(self.region), trimmed).map_err(|_| err())?;
-        if !phonenumber::is_valid(&parsed) {
+        let util = &*PHONE_NUMBER_UTIL;
+        let parsed = util.parse(trimmed, Some(self.region)).map_err(|_| err())?;
+        if !util.is_valid_number(&parsed) {
             return Err(err());
         }
-        Ok(parsed.format().mode(Mode::E164).to_string())
+        Ok(util.format(&parsed, PhoneNumberFormat::E164).into_owned())
     }
 
     // Hand-written on purpose: full RFC 5322 address parsing belongs to the email channel (where

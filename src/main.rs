@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use switchboard::config::Config;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "config/switchboard.toml";
 
 /// Switchboard: complaint-intake gateway. Channels in, canonical complaint records out to Kafka
