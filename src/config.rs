@@ -779,7 +779,13 @@ impl Config {
             .identity
             .default_region
             .parse::<rlibphonenumber::enums::Region>()
-            .is_err()
+            .ok()
+            .filter(|r| {
+                rlibphonenumber::PHONE_NUMBER_UTIL
+                    .get_supported_regions()
+                    .any(|s| s == *r)
+            })
+            .is_none()
         {
             return Err(key_err(
                 "identity.default_region",

@@ -125,7 +125,7 @@ fn fail(e: &str) -> ExitCode {
 }
 
 fn serve(cfg: Config) -> Result<(), String> {
-    switchboard::telemetry::init_logging(&cfg.log);
+    let _log = switchboard::telemetry::init_logging(&cfg.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchboard")

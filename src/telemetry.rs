@@ -228,19 +228,35 @@ fn describe() {
 }
 
 /// Sets up `tracing`: JSON or pretty, level from config unless `RUST_LOG` says otherwise.
-pub fn init_logging(cfg: &crate::config::LogConfig) {
+///
+/// Lines are formatted on the calling thread and written to stderr by a writer thread, in
+/// batches (flushed whenever its queue empties), so request threads never wait on a write(2) per
+/// line. Nothing is dropped: a full queue makes the logging thread wait. Keep the returned guard
+/// alive until exit; dropping it flushes what is queued.
+pub fn init_logging(
+    cfg: &crate::config::LogConfig,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cfg.level.clone()));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     let res = match cfg.format {
         crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
         crate::config::LogFormat::Pretty => builder.try_init(),
     };
-    // A second init (tests) keeps the first subscriber.
-    drop(res);
+    // A second init (tests) keeps the first subscriber, and its writer.
+    res.ok().map(|()| guard)
 }
 
 /// `+8613800138000` → `+86138****8000`; `13800138000` → `138****8000`. Keeps at most the first

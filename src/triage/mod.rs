@@ -23,13 +23,9 @@ use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The shipped rule file, compiled in: used when `triage.rules_file` is empty.
 pub const DEFAULT_RULES: &str = include_str!("../../config/triage.toml");
-
-/// Longest window repeat histories are kept for, whatever a reloaded rule file says.
-const MAX_REPEAT_IDLE: Duration = Duration::from_secs(366 * 86_400);
 
 /// One complaint as triage sees it.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +88,7 @@ impl Triager {
         let file = (!cfg.rules_file.as_os_str().is_empty()).then(|| cfg.rules_file.clone());
         let rules = load(file.as_ref())?;
         let t = Self {
-            repeats: repeat::Repeats::new(cfg.max_repeat_customers, MAX_REPEAT_IDLE),
+            repeats: repeat::Repeats::new(cfg.max_repeat_customers),
             storms: storm::Storms::new(storm::Limits {
                 max_buckets: cfg.max_storm_buckets,
                 max_customers_per_bucket: cfg.max_storm_customers_per_bucket,
