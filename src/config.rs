@@ -1083,7 +1083,10 @@ impl Config {
                 ));
             }
             if e.smtp_enabled && addr == e.smtp_listen && addr.port() != 0 {
-                return Err(key_err("email.smtps_listen", "must differ from smtp_listen"));
+                return Err(key_err(
+                    "email.smtps_listen",
+                    "must differ from smtp_listen",
+                ));
             }
         }
         Ok(())
@@ -1274,7 +1277,10 @@ mod tests {
         let e = err("", &[("SWITCHBOARD_ADMIN__TLS_KEY_PATH", "k.pem")]);
         assert!(e.contains("admin.tls_key_path"), "{e}");
         let e = err("[email]\nsmtps_listen = \"127.0.0.1:4650\"\n", &[]);
-        assert!(e.contains("email.smtps_listen") && e.contains("tls_cert_path"), "{e}");
+        assert!(
+            e.contains("email.smtps_listen") && e.contains("tls_cert_path"),
+            "{e}"
+        );
         let e = err("[email]\nsmtps_listen = \"port 465\"\n", &[]);
         assert!(e.contains("email.smtps_listen"), "{e}");
         let e = err("[http]\ntls_handshake_timeout_ms = 0\n", &[]);

@@ -391,10 +391,13 @@ mod tests {
         let bogus = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         let e = load(&source(dir.path(), bogus, &a.key)).err().unwrap();
         assert!(e.starts_with("http.tls_"), "{e}");
-        let missing = CertSource::from_config("admin", "/nonexistent/c.pem", "/nonexistent/k.pem")
-            .unwrap();
+        let missing =
+            CertSource::from_config("admin", "/nonexistent/c.pem", "/nonexistent/k.pem").unwrap();
         let e = load(&missing).err().unwrap();
-        assert!(e.starts_with("admin.tls_cert_path /nonexistent/c.pem"), "{e}");
+        assert!(
+            e.starts_with("admin.tls_cert_path /nonexistent/c.pem"),
+            "{e}"
+        );
         assert!(CertSource::from_config("http", "", "").is_none());
     }
 
