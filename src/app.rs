@@ -391,7 +391,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         })
     };
 
-    // Certificates are read before anything listens: a bad pair fails start-up naming its key.
+    // Certificates are read before anything is served: a bad pair fails start-up naming its key.
     let tls = TlsListeners::load(&cfg)?;
 
     let shutdown = CancellationToken::new();
