@@ -15,9 +15,10 @@ log() { printf '== %s\n' "$*"; }
 
 # 1. System packages: a C toolchain, pkg-config and OpenSSL headers for rdkafka's bundled
 #    librdkafka; swaks (an SMTP test client the email tests drive); a Java 17 runtime and
-#    Maven for the broker; Debian's Chromium and ChromeDriver for the chat widget's browser test.
+#    Maven for the broker; Debian's Chromium and ChromeDriver for the chat widget's browser test;
+#    the openssl CLI, whose s_client offers the TLS 1.0/1.1 that rustls cannot (e2e_tls).
 missing=()
-for pkg in build-essential pkg-config libssl-dev swaks chromium chromium-driver; do
+for pkg in build-essential pkg-config libssl-dev swaks chromium chromium-driver openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)

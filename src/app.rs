@@ -391,9 +391,12 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         })
     };
 
+    // Certificates are read before anything is served: a bad pair fails start-up naming its key.
+    let tls = TlsListeners::load(&cfg)?;
+
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    spawn_reload_handler(pipeline.triage().clone());
+    spawn_reload_handler(pipeline.triage().clone(), tls.stores());
 
     let ack = if cfg.email.ack.enabled {
         Some(AckMailer::start(cfg.email.ack.clone())?)
@@ -411,13 +414,15 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             }
         })
     });
-    let smtp_tls = if cfg.email.tls_cert_path.is_empty() {
-        None
-    } else {
-        Some(tls_acceptor(
-            &cfg.email.tls_cert_path,
-            &cfg.email.tls_key_path,
-        )?)
+    let smtps = match cfg.email.smtps_addr().map_err(|e| e.to_string())? {
+        Some(listen) => {
+            let l = TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("email.smtps_listen {listen}: {e}"))?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            Some((l, addr))
+        }
+        None => None,
     };
     let smtp = if cfg.email.smtp_enabled {
         let l = TcpListener::bind(cfg.email.smtp_listen)
@@ -492,15 +497,16 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     tracing::info!(http = %public_addr, admin = %admin_addr, "switchboard listening");
     // One machine-readable line on stdout, for scripts and tests that start the gateway.
     let smtp_addr = smtp.as_ref().map(|(_, a)| a.to_string());
+    let smtps_addr = smtps.as_ref().map(|(_, a)| a.to_string());
     println!(
         "{}",
-        serde_json::json!({"event": "listening", "http": public_addr.to_string(), "admin": admin_addr.to_string(), "smtp": smtp_addr})
+        serde_json::json!({"event": "listening", "http": public_addr.to_string(), "admin": admin_addr.to_string(), "smtp": smtp_addr, "smtps": smtps_addr, "tls": tls.summary()})
     );
-    let smtp_task = smtp.map(|(listener, addr)| {
-        tracing::info!(smtp = %addr, "smtp listening");
+    let smtp_limits = |tls: Option<crate::tls::Acceptor>, implicit_tls: bool| {
         let e = &cfg.email;
-        let limits = crate::smtp::SmtpLimits {
-            tls: smtp_tls.clone(),
+        crate::smtp::SmtpLimits {
+            tls,
+            implicit_tls,
             hostname: e.hostname.clone(),
             max_message_bytes: e.max_message_bytes,
             max_recipients: e.max_recipients,
@@ -509,10 +515,23 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             data_timeout: Duration::from_secs(e.data_timeout_secs),
             max_connections: e.max_connections,
             max_errors: e.max_errors,
-        };
+        }
+    };
+    let smtp_task = smtp.map(|(listener, addr)| {
+        tracing::info!(smtp = %addr, starttls = tls.smtp.is_some(), "smtp listening");
         tokio::spawn(crate::smtp::serve(
             listener,
-            limits,
+            smtp_limits(tls.smtp.clone(), false),
+            Arc::new(SmtpIntake(email.clone())),
+            shutdown.clone(),
+            grace,
+        ))
+    });
+    let smtps_task = smtps.map(|(listener, addr)| {
+        tracing::info!(smtps = %addr, "smtp (implicit TLS) listening");
+        tokio::spawn(crate::smtp::serve(
+            listener,
+            smtp_limits(tls.smtps.clone(), true),
             Arc::new(SmtpIntake(email.clone())),
             shutdown.clone(),
             grace,
@@ -522,6 +541,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let public_task = tokio::spawn(http::serve(
         public_listener,
         public_limits,
+        tls.public.clone(),
         Arc::new(public),
         shutdown.clone(),
         grace,
@@ -530,6 +550,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let admin_task = tokio::spawn(http::serve(
         admin_listener,
         admin_limits,
+        tls.admin.clone(),
         Arc::new(admin),
         shutdown.clone(),
         grace,
@@ -537,6 +558,9 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     ));
     let _ = public_task.await;
     if let Some(t) = smtp_task {
+        let _ = t.await;
+    }
+    if let Some(t) = smtps_task {
         let _ = t.await;
     }
     if let Some(c) = &chat {
@@ -561,27 +585,61 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// A rustls acceptor (ring provider, TLS 1.2 and 1.3) from PEM files.
-pub fn tls_acceptor(cert_path: &str, key_path: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("email.tls_cert_path {cert_path}: {e}"))?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| format!("email.tls_key_path {key_path}: {e}"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| format!("tls: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("email.tls_cert_path: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+/// The TLS acceptor of each listener that has a certificate configured. SMTP's STARTTLS and
+/// implicit-TLS listeners share the email certificate but load it separately, so each counts
+/// its own handshakes and reloads.
+struct TlsListeners {
+    public: Option<crate::tls::Acceptor>,
+    admin: Option<crate::tls::Acceptor>,
+    smtp: Option<crate::tls::Acceptor>,
+    smtps: Option<crate::tls::Acceptor>,
 }
 
-/// SIGHUP re-reads the triage rule file; a file that does not check out keeps the old rules.
-fn spawn_reload_handler(triage: Arc<crate::triage::Triager>) {
+impl TlsListeners {
+    fn load(cfg: &Config) -> Result<Self, String> {
+        use crate::tls::{Acceptor, ALPN_HTTP1};
+        let [http, admin, email] = crate::tls::sources(cfg);
+        let http_timeout = cfg.http.tls_handshake_timeout();
+        let smtp_timeout = cfg.email.tls_handshake_timeout();
+        let smtps = if cfg.email.smtps_addr().map_err(|e| e.to_string())?.is_some() {
+            Acceptor::from_config("smtps", email.clone(), &[], smtp_timeout)?
+        } else {
+            None
+        };
+        Ok(Self {
+            public: Acceptor::from_config("public", http, ALPN_HTTP1, http_timeout)?,
+            admin: Acceptor::from_config("admin", admin, ALPN_HTTP1, http_timeout)?,
+            smtp: if cfg.email.smtp_enabled {
+                Acceptor::from_config("smtp", email, &[], smtp_timeout)?
+            } else {
+                None
+            },
+            smtps,
+        })
+    }
+
+    fn all(&self) -> impl Iterator<Item = &crate::tls::Acceptor> {
+        [&self.public, &self.admin, &self.smtp, &self.smtps]
+            .into_iter()
+            .flatten()
+    }
+
+    fn stores(&self) -> Vec<Arc<crate::tls::CertStore>> {
+        self.all().map(|a| a.store().clone()).collect()
+    }
+
+    /// The listeners speaking TLS, for the listening line.
+    fn summary(&self) -> Vec<&'static str> {
+        self.all().map(|a| a.store().listener()).collect()
+    }
+}
+
+/// SIGHUP re-reads the triage rule file and the TLS certificates; a file that does not check
+/// out keeps what was in force.
+fn spawn_reload_handler(
+    triage: Arc<crate::triage::Triager>,
+    certs: Vec<Arc<crate::tls::CertStore>>,
+) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -595,6 +653,7 @@ fn spawn_reload_handler(triage: Arc<crate::triage::Triager>) {
                     tracing::error!(error = %e, "SIGHUP: the triage rules did not load; the previous rules stay in force")
                 }
             }
+            crate::tls::reload_all(&certs);
         }
     });
 }

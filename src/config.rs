@@ -51,6 +51,12 @@ pub struct HttpConfig {
     pub body_read_timeout_ms: u64,
     pub keepalive_idle_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// PEM certificate chain and private key; both set: the listener speaks HTTPS only (TLS 1.2
+    /// and 1.3, ALPN http/1.1), re-read on SIGHUP. Both empty: plain HTTP.
+    pub tls_cert_path: String,
+    pub tls_key_path: String,
+    /// A TLS client must finish its handshake within this time (public and admin listeners).
+    pub tls_handshake_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -65,6 +71,9 @@ impl Default for HttpConfig {
             body_read_timeout_ms: 15_000,
             keepalive_idle_timeout_ms: 60_000,
             shutdown_grace_ms: 20_000,
+            tls_cert_path: String::new(),
+            tls_key_path: String::new(),
+            tls_handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -77,6 +86,9 @@ pub struct AdminConfig {
     /// `/readyz` answers 503 while Kafka is configured but down (requests still succeed via the
     /// spool). `false`: ready whenever records can be made durable somewhere.
     pub readyz_requires_kafka: bool,
+    /// PEM certificate chain and private key; both set: the admin listener speaks HTTPS only.
+    pub tls_cert_path: String,
+    pub tls_key_path: String,
 }
 
 impl Default for AdminConfig {
@@ -85,6 +97,8 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:9090".parse().expect("static address"),
             max_connections: 64,
             readyz_requires_kafka: true,
+            tls_cert_path: String::new(),
+            tls_key_path: String::new(),
         }
     }
 }
@@ -503,6 +517,11 @@ pub struct EmailConfig {
     /// Mailgun webhook signing key(s); when a Mailgun request carries `signature`, it must match.
     pub mailgun_signing_keys: Vec<String>,
     pub ack: AckMailConfig,
+    /// Implicit-TLS SMTP listener (submissions port style: TLS from the first byte) with the
+    /// certificate above; empty: none.
+    pub smtps_listen: String,
+    /// A client must finish the TLS handshake (implicit TLS or after STARTTLS) within this time.
+    pub tls_handshake_timeout_secs: u64,
 }
 
 impl Default for EmailConfig {
@@ -530,6 +549,8 @@ impl Default for EmailConfig {
             inbound_tokens: vec!["dev-only-email-inbound-token".into()],
             mailgun_signing_keys: Vec::new(),
             ack: AckMailConfig::default(),
+            smtps_listen: String::new(),
+            tls_handshake_timeout_secs: 10,
         }
     }
 }
@@ -1029,6 +1050,51 @@ impl Config {
         ] {
             crate::channels::Allowlist::parse(list).map_err(|m| key_err(key, m))?;
         }
+        self.validate_tls()?;
+        Ok(())
+    }
+
+    /// Certificate keys come in pairs; implicit-TLS SMTP needs the email certificate. The files
+    /// themselves are read at start (`tls::CertStore::open`), so a bad file names its key there.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        for (section, cert, key) in [
+            ("http", &self.http.tls_cert_path, &self.http.tls_key_path),
+            ("admin", &self.admin.tls_cert_path, &self.admin.tls_key_path),
+        ] {
+            if cert.is_empty() != key.is_empty() {
+                return Err(key_err(
+                    &format!("{section}.tls_key_path"),
+                    "set both tls_cert_path and tls_key_path, or neither",
+                ));
+            }
+        }
+        if self.http.tls_handshake_timeout_ms == 0 {
+            return Err(key_err(
+                "http.tls_handshake_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        let e = &self.email;
+        if e.tls_handshake_timeout_secs == 0 {
+            return Err(key_err(
+                "email.tls_handshake_timeout_secs",
+                "must be greater than 0",
+            ));
+        }
+        if let Some(addr) = e.smtps_addr()? {
+            if e.tls_cert_path.is_empty() {
+                return Err(key_err(
+                    "email.smtps_listen",
+                    "needs email.tls_cert_path and email.tls_key_path",
+                ));
+            }
+            if e.smtp_enabled && addr == e.smtp_listen && addr.port() != 0 {
+                return Err(key_err(
+                    "email.smtps_listen",
+                    "must differ from smtp_listen",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1037,7 +1103,30 @@ impl Config {
     }
 }
 
+impl EmailConfig {
+    /// The implicit-TLS SMTP address, if one is configured.
+    pub fn smtps_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let raw = self.smtps_listen.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(|_| {
+            key_err(
+                "email.smtps_listen",
+                format!("`{raw}` is not an address like 127.0.0.1:4650 (empty: no listener)"),
+            )
+        })
+    }
+
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.tls_handshake_timeout_secs)
+    }
+}
+
 impl HttpConfig {
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
+    }
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms)
     }
@@ -1180,5 +1269,41 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("enable.idempotence"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_are_checked_in_pairs_and_smtps_needs_a_certificate() {
+        let err = |toml: &str, vars: &[(&str, &str)]| {
+            Config::from_toml_str(toml, env(vars))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[http]\ntls_cert_path = \"c.pem\"\n", &[]);
+        assert!(e.contains("http.tls_key_path"), "{e}");
+        let e = err("", &[("SWITCHBOARD_ADMIN__TLS_KEY_PATH", "k.pem")]);
+        assert!(e.contains("admin.tls_key_path"), "{e}");
+        let e = err("[email]\nsmtps_listen = \"127.0.0.1:4650\"\n", &[]);
+        assert!(
+            e.contains("email.smtps_listen") && e.contains("tls_cert_path"),
+            "{e}"
+        );
+        let e = err("[email]\nsmtps_listen = \"port 465\"\n", &[]);
+        assert!(e.contains("email.smtps_listen"), "{e}");
+        let e = err("[http]\ntls_handshake_timeout_ms = 0\n", &[]);
+        assert!(e.contains("http.tls_handshake_timeout_ms"), "{e}");
+        let cfg = Config::from_toml_str(
+            "",
+            env(&[
+                ("SWITCHBOARD_EMAIL__SMTPS_LISTEN", "127.0.0.1:4650"),
+                ("SWITCHBOARD_EMAIL__TLS_CERT_PATH", "c.pem"),
+                ("SWITCHBOARD_EMAIL__TLS_KEY_PATH", "k.pem"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.email.smtps_addr().unwrap(),
+            Some("127.0.0.1:4650".parse().unwrap())
+        );
+        assert_eq!(Config::default().email.smtps_addr().unwrap(), None);
     }
 }

@@ -7,6 +7,9 @@
 //! → 431), a header-count cap, a keep-alive idle timeout of our own, and helpers for the body cap
 //! (→ 413) and body-read timeout (→ 408). Only HTTP/1.1: hyper-util's h1/h2 auto-detection reads
 //! the preface with no timer.
+//!
+//! With a TLS acceptor (`tls`) every connection is TLS: the handshake runs under the
+//! connection's permit and within its own timeout, before hyper's timers start.
 
 use crate::error::{Reason, Rejection};
 use bytes::Bytes;
@@ -47,6 +50,7 @@ pub struct ListenerLimits {
 pub async fn serve(
     listener: TcpListener,
     limits: ListenerLimits,
+    tls: Option<crate::tls::Acceptor>,
     handler: Arc<dyn Handler>,
     shutdown: CancellationToken,
     grace: Duration,
@@ -86,9 +90,18 @@ pub async fn serve(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let idle = limits.keepalive_idle_timeout;
+        let tls = tls.clone();
         tracker.spawn(async move {
             metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS, "listener" => name).increment(1.0);
-            serve_connection(stream, peer, handler, &builder, shutdown, idle).await;
+            match tls {
+                None => serve_connection(stream, peer, handler, &builder, shutdown, idle).await,
+                Some(tls) => {
+                    // A failed handshake is counted by the acceptor; the socket just closes.
+                    if let Ok(stream) = tls.accept(stream).await {
+                        serve_connection(stream, peer, handler, &builder, shutdown, idle).await;
+                    }
+                }
+            }
             metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS, "listener" => name).decrement(1.0);
             drop(permit);
         });
@@ -116,14 +129,16 @@ impl Activity {
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
     handler: Arc<dyn Handler>,
     builder: &hyper::server::conn::http1::Builder,
     shutdown: CancellationToken,
     idle: Duration,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity {
         active: AtomicUsize::new(0),
         last_ms: AtomicU64::new(0),

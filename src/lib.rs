@@ -19,4 +19,5 @@ pub mod replies;
 pub mod sink;
 pub mod smtp;
 pub mod telemetry;
+pub mod tls;
 pub mod triage;

@@ -102,6 +102,11 @@ fn main() -> ExitCode {
                 Ok(summary) => eprintln!("switchboard: {summary}"),
                 Err(e) => return fail(&format!("triage rules: {e}")),
             }
+            match switchboard::tls::check(&cfg) {
+                Ok(0) => {}
+                Ok(n) => eprintln!("switchboard: {n} TLS certificate(s) load and match their keys"),
+                Err(e) => return fail(&format!("tls: {e}")),
+            }
             eprintln!("switchboard: configuration is valid");
             Ok(())
         }

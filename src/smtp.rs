@@ -7,7 +7,9 @@
 //! line length, command and data timeouts, connections, errors before disconnect. A bare LF (or
 //! bare CR) in DATA rejects the message (SMTP smuggling). STARTTLS (rustls, TLS 1.2+) is offered
 //! when a certificate is configured; bytes pipelined after STARTTLS are discarded (no command
-//! injection across the TLS boundary) and the session starts afresh inside TLS.
+//! injection across the TLS boundary) and the session starts afresh inside TLS. With
+//! `implicit_tls` (the `email.smtps_listen` listener) the session is TLS from the first byte.
+//! Either handshake runs within the acceptor's timeout, not the command timeout.
 
 use futures_util::future::BoxFuture;
 use smtp_proto::request::receiver::{DataReceiver, RequestReceiver};
@@ -63,8 +65,10 @@ pub trait MailHandler: Send + Sync + 'static {
 
 #[derive(Clone)]
 pub struct SmtpLimits {
-    /// STARTTLS is offered when set.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// STARTTLS is offered when set (or, with `implicit_tls`, every session is TLS).
+    pub tls: Option<crate::tls::Acceptor>,
+    /// TLS from the first byte (implicit TLS, RFC 8314) instead of STARTTLS; needs `tls`.
+    pub implicit_tls: bool,
     pub hostname: String,
     pub max_message_bytes: usize,
     pub max_recipients: usize,
@@ -100,32 +104,18 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let _ = stream
-                .write_all(b"421 4.3.2 Too many connections, try again later\r\n")
-                .await;
+            // A plain-text 421 means nothing to a client that expects a TLS handshake.
+            if !limits.implicit_tls {
+                let _ = stream
+                    .write_all(b"421 4.3.2 Too many connections, try again later\r\n")
+                    .await;
+            }
             continue;
         };
         let (handler, limits, shutdown) = (handler.clone(), limits.clone(), shutdown.clone());
         tracker.spawn(async move {
             metrics::gauge!(SMTP_SESSIONS).increment(1.0);
-            let session = Session::new(stream, peer, &limits, handler.clone(), false);
-            match session.run(shutdown.clone(), true).await {
-                Ok(End::StartTls(tcp)) => {
-                    let acceptor = limits.tls.clone().expect("STARTTLS only offered with TLS");
-                    match tokio::time::timeout(limits.command_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let session = Session::new(tls, peer, &limits, handler, true);
-                            if let Err(e) = session.run(shutdown, false).await {
-                                tracing::debug!(error = %e, "smtp session ended");
-                            }
-                        }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "smtp TLS handshake failed"),
-                        Err(_) => tracing::debug!("smtp TLS handshake timed out"),
-                    }
-                }
-                Ok(End::Closed) => {}
-                Err(e) => tracing::debug!(error = %e, "smtp session ended"),
-            }
+            session(stream, peer, &limits, handler, shutdown).await;
             metrics::gauge!(SMTP_SESSIONS).decrement(1.0);
             drop(permit);
         });
@@ -133,6 +123,51 @@ pub async fn serve(
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("smtp sessions still open after the grace period");
+    }
+}
+
+/// One connection: plain (with STARTTLS when offered) or TLS from the first byte. Handshake
+/// failures are counted and logged by the acceptor.
+async fn session(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    limits: &SmtpLimits,
+    handler: Arc<dyn MailHandler>,
+    shutdown: CancellationToken,
+) {
+    let end = match (&limits.tls, limits.implicit_tls) {
+        (Some(acceptor), true) => {
+            if let Ok(tls) = acceptor.accept(stream).await {
+                let session = Session::new(tls, peer, limits, handler, true);
+                if let Err(e) = session.run(shutdown, true).await {
+                    tracing::debug!(error = %e, "smtp session ended");
+                }
+            }
+            return;
+        }
+        (None, true) => {
+            tracing::error!("implicit-TLS SMTP listener without a certificate");
+            return;
+        }
+        (_, false) => {
+            Session::new(stream, peer, limits, handler.clone(), false)
+                .run(shutdown.clone(), true)
+                .await
+        }
+    };
+    match end {
+        Ok(End::StartTls(tcp)) => {
+            // STARTTLS is only offered with an acceptor.
+            let Some(acceptor) = &limits.tls else { return };
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                let session = Session::new(tls, peer, limits, handler, true);
+                if let Err(e) = session.run(shutdown, false).await {
+                    tracing::debug!(error = %e, "smtp session ended");
+                }
+            }
+        }
+        Ok(End::Closed) => {}
+        Err(e) => tracing::debug!(error = %e, "smtp session ended"),
     }
 }
 

@@ -53,6 +53,9 @@ pub const TRIAGE_REPEAT_CUSTOMERS: &str = "switchboard_triage_repeat_customers";
 pub const TRIAGE_RULES: &str = "switchboard_triage_rules";
 pub const TRIAGE_RELOADS: &str = "switchboard_triage_reloads_total";
 pub const TRIAGE_BAD_FLAGS: &str = "switchboard_triage_bad_escalation_flags_total";
+pub const TLS_HANDSHAKES: &str = "switchboard_tls_handshakes_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "switchboard_tls_handshake_failures_total";
+pub const TLS_RELOADS: &str = "switchboard_tls_reloads_total";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -224,6 +227,18 @@ fn describe() {
     describe_gauge!(
         REPLIES_CONSUMER_UP,
         "1 while the replies consumer has its partitions assigned, else 0."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "TLS handshakes completed, by listener and protocol version (1.2, 1.3)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that did not complete, by listener and reason (timeout, closed, protocol)."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Certificate reloads on SIGHUP, by listener and result (ok, error: the old certificate stays)."
     );
 }
 

@@ -35,6 +35,7 @@ async fn capture_server() -> (String, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let limits = SmtpLimits {
         tls: None,
+        implicit_tls: false,
         hostname: "capture.test".into(),
         max_message_bytes: 1 << 20,
         max_recipients: 10,

@@ -36,6 +36,8 @@ pub struct Gateway {
     pub admin: String,
     /// host:port of the SMTP listener.
     pub smtp: String,
+    /// The whole listening line (`smtps`, `tls`, ...).
+    pub listening: serde_json::Value,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
 }
@@ -88,6 +90,7 @@ impl Gateway {
             http: format!("http://{}", v["http"].as_str().unwrap()),
             admin: format!("http://{}", v["admin"].as_str().unwrap()),
             smtp: v["smtp"].as_str().unwrap_or_default().to_string(),
+            listening: v.clone(),
             dir,
             // Idle pooled connections are dropped before the gateway's keep-alive timeout closes
             // them, so a request after a long wait never lands on a closed connection.
