@@ -12,6 +12,7 @@ The secrets come from the environment, the same values ops-check.sh gives the ga
 import base64
 import hashlib
 import hmac
+import json
 import os
 import time
 import urllib.parse
@@ -28,6 +29,8 @@ INBOUND_TOKEN = ENV["SB_INBOUND_TOKEN"]
 ALIBABA_TOKEN = ENV["SB_ALIBABA_TOKEN"]
 WECHAT_TOKEN = ENV["SB_WECHAT_TOKEN"]
 WEIBO_SECRET = ENV["SB_WEIBO_SECRET"]
+VONAGE_SECRET = ENV["SB_VONAGE_SECRET"]
+META_VERIFY_TOKEN = ENV["SB_META_VERIFY_TOKEN"]
 PUBLIC_URL = ENV["SB_PUBLIC_URL"]
 
 
@@ -64,6 +67,21 @@ def _query(url):
     return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True))
 
 
+def _set_body(p, body):
+    p.body = body
+    p.headers["Content-Length"] = str(len(body))
+
+
+def _vonage(params):
+    """Vonage: `timestamp` now, and `sig` = hex HMAC-SHA256 (the configured signature_method)
+    over `&k=v` of every other parameter sorted, `&` and `=` in values replaced by `_`."""
+    params = [(k, v) for k, v in params if k not in ("sig", "timestamp")]
+    params.append(("timestamp", str(int(time.time()))))
+    signing = "".join(f"&{k}={v.replace('&', '_').replace('=', '_')}" for k, v in sorted(params))
+    params.append(("sig", _hmac(VONAGE_SECRET, signing.encode(), hashlib.sha256).hexdigest()))
+    return params
+
+
 def sign(p):
     parts = urllib.parse.urlsplit(p.url)
     path, h, body = parts.path, p.headers, _body(p)
@@ -90,6 +108,29 @@ def sign(p):
     elif path == "/hooks/meta" and p.method == "POST" and _has(h, "x-hub-signature-256"):
         _set(h, "X-Hub-Signature-256",
              "sha256=" + _hmac(META_SECRET, body, hashlib.sha256).hexdigest())
+    elif path == "/hooks/meta" and p.method == "GET" and "hub.verify_token" in _query(p.url):
+        p.url = _with_query(p.url, {"hub.verify_token": META_VERIFY_TOKEN})
+    elif path == "/hooks/vonage/sms":
+        ctype = next((v for k, v in h.items() if k.lower() == "content-type"), "")
+        if "sig" in _query(p.url):
+            p.url = urllib.parse.urlunsplit(
+                parts._replace(query=urllib.parse.urlencode(_vonage(urllib.parse.parse_qsl(
+                    parts.query, keep_blank_values=True)))))
+        elif ctype.startswith("application/x-www-form-urlencoded"):
+            try:
+                params = urllib.parse.parse_qsl(body.decode(), keep_blank_values=True)
+            except UnicodeDecodeError:
+                return
+            if any(k == "sig" for k, _ in params):
+                _set_body(p, urllib.parse.urlencode(_vonage(params)).encode())
+        elif ctype.startswith("application/json"):
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                return
+            if isinstance(obj, dict) and "sig" in obj:
+                flat = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in obj.items()]
+                _set_body(p, json.dumps(dict(_vonage(flat))).encode())
     elif path == "/hooks/telegram" and _has(h, "x-telegram-bot-api-secret-token"):
         _set(h, "X-Telegram-Bot-Api-Secret-Token", TELEGRAM_TOKEN)
     elif path == "/hooks/x" and p.method == "POST" and _has(h, "x-twitter-webhooks-signature"):

@@ -244,11 +244,18 @@ mod tests {
             SECRET_KEYS.len(),
             "a listed key has no case here"
         );
-        let mut text = String::new();
+        let mut sections: std::collections::BTreeMap<&str, String> = Default::default();
         for (k, v) in pairs {
             let (section, key) = k.split_once('.').unwrap();
-            text.push_str(&format!("[{section}]\n{key} = {v}\n"));
+            sections
+                .entry(section)
+                .or_default()
+                .push_str(&format!("{key} = {v}\n"));
         }
+        let mut text: String = sections
+            .iter()
+            .map(|(s, body)| format!("[{s}]\n{body}"))
+            .collect();
         text.push_str(concat!(
             "[kafka]\nbrokers = \"sasl://kafkauser:kafka-url-pass@broker:9093\"\n",
             "[kafka.extra]\n\"sasl.password\" = \"kafka-sasl-pass\"\n",
