@@ -35,7 +35,9 @@ if [ -z "$promtool" ]; then
     (cd "$tools/deb" && { apt-get download -qq prometheus 2>/dev/null \
       || { apt-get update -qq && apt-get download -qq prometheus 2>/dev/null; }; })
     dpkg-deb -x "$tools"/deb/prometheus_*.deb "$tools/prometheus"
-    rm -rf "$tools/deb"
+    # Only promtool is used; the server binary and the web assets go.
+    find "$tools/prometheus" -mindepth 1 -maxdepth 1 ! -name usr -exec rm -rf {} +
+    rm -rf "$tools/deb" "$tools/prometheus/usr/bin/prometheus" "$tools/prometheus/usr/share"
   fi
 fi
 "$promtool" --version 2>&1 | head -1
