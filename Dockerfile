@@ -1,4 +1,4 @@
-# Switchboard container image.
+# Switchboard container image. deploy/compose.yaml builds it (with Kafka, Prometheus, Grafana).
 #
 #   docker build -t switchboard .
 #   docker run --rm -p 8080:8080 -p 127.0.0.1:9090:9090 \
@@ -14,7 +14,8 @@
 FROM rust:1.95-bookworm AS builder
 
 # rdkafka builds its bundled librdkafka with configure + make (no cmake); openssl-sys links the
-# system OpenSSL.
+# system OpenSSL; mimalloc (the global allocator) compiles its C sources with cc. The phone
+# metadata of rlibphonenumber is compiled by its build script in pure Rust (no protoc).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential pkg-config libssl-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -22,15 +23,14 @@ RUN apt-get update \
 WORKDIR /src
 
 # Dependency layer: only the manifests and the lock file, with stub sources, so editing the
-# code does not rebuild the dependencies (librdkafka above all). The bench and the loadtest
-# member need a file each for the workspace manifest to load.
+# code does not rebuild the dependencies (librdkafka, mimalloc's C sources). Every target the
+# manifests declare (the benches, the loadtest member) needs a file for the workspace manifest
+# to load: scripts/docker-stubs.sh writes them from Cargo.toml (CI runs it too, so a new target
+# cannot break this layer unnoticed).
 COPY Cargo.toml Cargo.lock ./
 COPY loadtest/Cargo.toml loadtest/Cargo.toml
-RUN mkdir -p src loadtest/src benches \
- && echo 'fn main() {}' > src/main.rs \
- && touch src/lib.rs \
- && echo 'fn main() {}' > loadtest/src/main.rs \
- && echo 'fn main() {}' > benches/pipeline.rs \
+COPY scripts/docker-stubs.sh /usr/local/bin/docker-stubs.sh
+RUN sh /usr/local/bin/docker-stubs.sh \
  && cargo build --release --locked -p switchboard \
  && rm -rf src loadtest/src benches
 
@@ -70,6 +70,7 @@ WORKDIR /var/lib/switchboard
 # keep the spool under the writable work directory. Any other key: SWITCHBOARD_<SECTION>__<KEY>.
 ENV SWITCHBOARD_HTTP__LISTEN=0.0.0.0:8080 \
     SWITCHBOARD_ADMIN__LISTEN=0.0.0.0:9090 \
+    SWITCHBOARD_EMAIL__SMTP_LISTEN=0.0.0.0:2525 \
     SWITCHBOARD_LOG__FORMAT=json \
     SWITCHBOARD_SPOOL__DIR=/var/lib/switchboard/spool \
     SWITCHBOARD_TRIAGE__RULES_FILE=/etc/switchboard/triage.toml

@@ -24,6 +24,8 @@ done
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
+# The operator kit checks (step 5) make a Python venv for schemathesis.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -58,4 +60,9 @@ log "cargo test"
 extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi
 cargo test --workspace --all-targets --locked "${extra[@]}"
+
+# 5. The operator kit: promtool on the alert rules, their unit tests and a live scrape;
+#    schemathesis against docs/openapi.yaml on a running gateway (about 3 minutes).
+log "operator kit checks (scripts/ops-check.sh)"
+bash scripts/ops-check.sh
 log "all tests passed"

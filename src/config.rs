@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod redact;
+
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]

@@ -29,7 +29,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default when no command is given).
     Serve,
-    /// Load and validate the config (file + env), print the effective config, exit.
+    /// Load and validate the config (file + env), print the effective config with every secret
+    /// shown as "<redacted>", exit.
     CheckConfig,
     /// Sign a /v1/events body with the configured api secret (or --secret), for curl and tests.
     Sign {
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
         Command::CheckConfig => {
-            match toml::to_string_pretty(&cfg) {
+            match switchboard::config::redact::to_redacted_toml(&cfg) {
                 Ok(s) => println!("{s}"),
                 Err(e) => return fail(&e.to_string()),
             }
