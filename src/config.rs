@@ -13,7 +13,7 @@ pub mod redact;
 
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub http: HttpConfig,
@@ -686,6 +686,17 @@ fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Key {
         key: key.into(),
         message: message.into(),
+    }
+}
+
+/// Debug output is the redacted TOML (`check-config`'s), so a `{:?}` or a panic message never
+/// prints a secret.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match redact::to_redacted_toml(self) {
+            Ok(t) => f.write_str(&t),
+            Err(_) => f.write_str("Config { <unprintable> }"),
+        }
     }
 }
 

@@ -356,8 +356,13 @@ impl Channel for X {
                         "crc_token must be 1-128 characters of A-Z a-z 0-9 + / = _ -",
                     ));
                 }
+                // With signature_mode = "off" the route may run without a secret; a CRC then
+                // has nothing to answer with. That is configuration, not a server fault.
                 let secret = self.cfg.consumer_secrets.first().ok_or_else(|| {
-                    Rejection::new(Reason::Internal, "no consumer secret configured")
+                    Rejection::new(
+                        Reason::NotFound,
+                        "CRC checks need x.consumer_secrets; none is configured",
+                    )
                 })?;
                 return Ok(json_response(StatusCode::OK, crc_response(secret, token)));
             }

@@ -264,6 +264,8 @@ mod tests {
         ));
         let cfg = Config::from_toml_str(&text, Vec::new()).unwrap();
         let out = to_redacted_toml(&cfg).unwrap();
+        // Debug output (a `{:?}`, a panic message) is the same redacted text.
+        assert_eq!(format!("{cfg:?}"), out);
         for secret in [
             "api-secret",
             "twilio-token",
