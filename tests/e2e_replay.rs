@@ -72,7 +72,10 @@ async fn spooled_records_reach_kafka_in_order_when_it_returns_and_segments_are_r
     let s = stats(&gw.spool_dir()).await;
     assert_eq!(s["backlog_records"], 60, "{s}");
     assert!(s["backlog_bytes"].as_u64().unwrap() > 0);
-    assert!(s["segments"].as_u64().unwrap() > 2, "the outage spans segments: {s}");
+    assert!(
+        s["segments"].as_u64().unwrap() > 2,
+        "the outage spans segments: {s}"
+    );
     assert_eq!(
         gw.metric("switchboard_spool_backlog_records", &[]).await,
         60.0
@@ -175,5 +178,7 @@ async fn a_restarted_gateway_replays_its_spool_and_spool_replay_forwards_a_stopp
     assert!(v.lost.is_empty(), "{:?}", v.lost);
     assert_eq!(v.duplicates, 0, "a clean replay sends each record once");
     assert_in_order_per_key(&records);
-    assert!(gw.log().contains("spool holds records not yet forwarded to Kafka"));
+    assert!(gw
+        .log()
+        .contains("spool holds records not yet forwarded to Kafka"));
 }

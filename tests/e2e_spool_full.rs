@@ -72,7 +72,12 @@ async fn a_full_spool_disk_refuses_with_503_then_recovers_when_space_returns() {
     for i in 0..5 {
         let r = gw.post_signed(&event(i)).await;
         assert_eq!(r.status(), 202);
-        acked.push(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        acked.push(
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
 
     // Leave room for a few records only, then keep sending until the spool refuses.
@@ -82,7 +87,12 @@ async fn a_full_spool_disk_refuses_with_503_then_recovers_when_space_returns() {
     for i in 5..500 {
         let r = gw.post_signed(&event(i)).await;
         match r.status().as_u16() {
-            202 => acked.push(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string()),
+            202 => acked.push(
+                r.json::<serde_json::Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ),
             503 => {
                 assert!(r.headers().contains_key("retry-after"));
                 let body: serde_json::Value = r.json().await.unwrap();
@@ -111,12 +121,22 @@ async fn a_full_spool_disk_refuses_with_503_then_recovers_when_space_returns() {
     for i in 2000..2020 {
         let r = gw.post_signed(&event(i)).await;
         assert_eq!(r.status(), 202);
-        acked.push(r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        acked.push(
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let (records, stats) = switchboard::sink::spool::read_all(&spool).unwrap();
     let spooled: std::collections::HashSet<String> = records
         .iter()
-        .map(|r| serde_json::from_slice::<serde_json::Value>(r).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(r).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let lost: Vec<&String> = acked.iter().filter(|id| !spooled.contains(*id)).collect();
     println!(

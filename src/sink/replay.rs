@@ -290,7 +290,8 @@ impl Replayer {
                     }
                 }
                 if last_persist.elapsed() >= PERSIST_EVERY {
-                    self.persist(acked, &mut fwd, &mut last_persist, false).await;
+                    self.persist(acked, &mut fwd, &mut last_persist, false)
+                        .await;
                 }
             }
             if failed {
@@ -314,12 +315,16 @@ impl Replayer {
                 self.persist(acked, &mut fwd, &mut last_persist, true).await;
                 let tip = self.spool.tip();
                 let drained = acked == tip;
-                if drained && tip.offset > super::spool::MAGIC.len() as u64 && rolled_for != tip.segment {
+                if drained
+                    && tip.offset > super::spool::MAGIC.len() as u64
+                    && rolled_for != tip.segment
+                {
                     // The active segment holds only forwarded records: seal it so it can go.
                     rolled_for = tip.segment;
                     self.spool.request_roll();
                 }
-                if until_drained && drained {
+                // Done once the sealed, drained segment is released too (an empty active one).
+                if until_drained && drained && tip.offset == super::spool::MAGIC.len() as u64 {
                     break;
                 }
                 tokio::select! {
@@ -466,7 +471,8 @@ impl Replayer {
         }
         let spool = self.spool.clone();
         let (records, bytes) = *fwd;
-        let r = tokio::task::spawn_blocking(move || spool.commit_cursor(acked, records, bytes)).await;
+        let r =
+            tokio::task::spawn_blocking(move || spool.commit_cursor(acked, records, bytes)).await;
         match r {
             Ok(Ok(())) => *fwd = (0, 0),
             Ok(Err(e)) => {
@@ -532,11 +538,15 @@ mod tests {
             ..KafkaConfig::default()
         })
         .unwrap();
-        assert!(k.probe_once(Duration::from_secs(5)).await, "mock broker answers");
+        assert!(
+            k.probe_once(Duration::from_secs(5)).await,
+            "mock broker answers"
+        );
         k
     }
 
-    /// Reads `want` records of topic `t` (3 partitions): (key, n) in each partition's order.
+    /// Reads topic `t` (3 partitions) until `want` distinct records came: (key, n) in each
+    /// partition's order, duplicates included.
     fn consume(brokers: &str, want: usize) -> Vec<(String, usize)> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -551,8 +561,13 @@ mod tests {
         c.assign(&tpl).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut out = Vec::new();
-        while out.len() < want {
-            assert!(Instant::now() < deadline, "consumed {} of {want}", out.len());
+        let mut distinct = std::collections::HashSet::new();
+        while distinct.len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "consumed {} of {want}",
+                distinct.len()
+            );
             if let Some(m) = c.poll(Duration::from_millis(100)) {
                 let m = m.unwrap();
                 let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
@@ -560,7 +575,9 @@ mod tests {
                 assert_eq!(v["customer"]["key"], key.as_str(), "key from the record");
                 let headers = m.headers().unwrap();
                 assert_eq!(headers.count(), 5, "the five headers of a direct write");
-                out.push((key, v["n"].as_u64().unwrap() as usize));
+                let n = v["n"].as_u64().unwrap() as usize;
+                distinct.insert(n);
+                out.push((key, n));
             }
         }
         out
@@ -586,7 +603,8 @@ mod tests {
         rt.block_on(async {
             let sink = Arc::new(crate::sink::memory::MemorySink::default());
             let p = crate::pipeline::Pipeline::new(&Config::default(), sink.clone()).unwrap();
-            let mut i = crate::record::Intake::new(crate::record::ChannelKind::Api, "api", "断网了");
+            let mut i =
+                crate::record::Intake::new(crate::record::ChannelKind::Api, "api", "断网了");
             i.provider_message_id = Some("e1".into());
             i.identity.phone = Some("13800138000".into());
             let ctx = crate::pipeline::RequestCtx {
@@ -620,18 +638,28 @@ mod tests {
         assert!(segments > 5);
         let k = kafka(mock.bootstrap_servers()).await;
         // A small window: the backlog is far larger than what is ever in flight.
-        let r = Replayer::new(spool.clone(), k.clone(), Arc::new(Route::new(false)), 16, Duration::from_secs(5));
+        let r = Replayer::new(
+            spool.clone(),
+            k.clone(),
+            Arc::new(Route::new(false)),
+            16,
+            Duration::from_secs(5),
+        );
         let out = r.run(CancellationToken::new(), true).await;
         assert_eq!(out.replayed, 300);
         assert_eq!(out.backlog_records, 0);
         let got = consume(&mock.bootstrap_servers(), 300);
-        assert_eq!(got.len(), 300);
+        assert_eq!(got.len(), 300, "no duplicates without a failure");
         assert_ordered_per_key(&got);
         let stats = spool.stats();
         assert_eq!(stats.backlog_records, 0);
         assert_eq!(stats.cursor, spool.tip(), "cursor at the end of the log");
         let on_disk = crate::sink::spool::list_segments(tmp.path()).unwrap();
-        assert_eq!(on_disk.len(), 1, "forwarded segments are released: {on_disk:?}");
+        assert_eq!(
+            on_disk.len(),
+            1,
+            "forwarded segments are released: {on_disk:?}"
+        );
         spool.close().await;
         drop(spool);
         // Nothing is replayed twice after a restart.
@@ -646,13 +674,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let spool = Arc::new(Spool::open(&spool_cfg(tmp.path())).unwrap());
         for n in 0..40 {
-            spool.append(vec![record(["a", "b"][n % 2], n)]).await.unwrap();
+            spool
+                .append(vec![record(["a", "b"][n % 2], n)])
+                .await
+                .unwrap();
         }
         let k = kafka(mock.bootstrap_servers()).await;
         // Every produce request takes longer than the delivery timeout: deliveries fail.
-        mock.broker_round_trip_time(1, Duration::from_secs(3)).unwrap();
+        mock.broker_round_trip_time(1, Duration::from_secs(3))
+            .unwrap();
         let stop = CancellationToken::new();
-        let r = Replayer::new(spool.clone(), k.clone(), Arc::new(Route::new(false)), 64, Duration::from_secs(5));
+        let r = Replayer::new(
+            spool.clone(),
+            k.clone(),
+            Arc::new(Route::new(false)),
+            64,
+            Duration::from_secs(5),
+        );
         let progress = r.progress();
         let task = tokio::spawn(r.run(stop.clone(), true));
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -660,14 +698,25 @@ mod tests {
             assert!(Instant::now() < deadline, "no delivery failed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(spool.stats().backlog_records, 40, "nothing failed is released");
+        assert_eq!(
+            spool.stats().backlog_records,
+            40,
+            "nothing failed is released"
+        );
         mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
-        let out = tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(out.errors >= 1, "{out:?}");
         assert_eq!(spool.stats().backlog_records, 0);
         let got = consume(&mock.bootstrap_servers(), 40);
         let distinct: std::collections::BTreeSet<usize> = got.iter().map(|(_, n)| *n).collect();
-        assert_eq!(distinct.len(), 40, "every record landed (duplicates allowed)");
+        assert_eq!(
+            distinct.len(),
+            40,
+            "every record landed (duplicates allowed)"
+        );
         assert_ordered_per_key(&got);
     }
 
@@ -691,7 +740,11 @@ mod tests {
             let e = decode(record("k", n));
             landed.push(f.write(std::slice::from_ref(&e)).await.unwrap()[0]);
         }
-        assert_eq!(landed[0], Landed::Spool, "the first new record queues behind the backlog");
+        assert_eq!(
+            landed[0],
+            Landed::Spool,
+            "the first new record queues behind the backlog"
+        );
         // Once the backlog is handed over, new records go to Kafka directly.
         let deadline = Instant::now() + Duration::from_secs(20);
         while spool.stats().backlog_records > 0 {
@@ -700,7 +753,10 @@ mod tests {
         }
         for n in 260..270 {
             let e = decode(record("k", n));
-            assert_eq!(f.write(std::slice::from_ref(&e)).await.unwrap(), vec![Landed::Kafka]);
+            assert_eq!(
+                f.write(std::slice::from_ref(&e)).await.unwrap(),
+                vec![Landed::Kafka]
+            );
         }
         let got = consume(&mock.bootstrap_servers(), 270);
         assert_ordered_per_key(&got);

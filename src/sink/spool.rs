@@ -57,7 +57,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A position in the spool: a segment and a byte offset in it. Ordered as the log is.
 #[derive(
-    Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+    Debug,
+    Default,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 pub struct Pos {
     pub segment: u64,
@@ -238,7 +247,12 @@ struct SegInfo {
 }
 
 /// Scans a segment frame by frame; records at or past `cursor` count as backlog.
-fn survey_segment(seq: u64, path: &Path, cursor: Pos, mut each: impl FnMut(&[u8])) -> io::Result<SegInfo> {
+fn survey_segment(
+    seq: u64,
+    path: &Path,
+    cursor: Pos,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<SegInfo> {
     let total = fs::metadata(path)?.len();
     let mut r = FrameReader::open(path, 0)?;
     let mut info = SegInfo::default();
@@ -248,7 +262,11 @@ fn survey_segment(seq: u64, path: &Path, cursor: Pos, mut each: impl FnMut(&[u8]
             Frame::Record { start, end } => {
                 info.records += 1;
                 info.good_len = end;
-                if Pos { segment: seq, offset: start } >= cursor {
+                if (Pos {
+                    segment: seq,
+                    offset: start,
+                }) >= cursor
+                {
                     info.backlog_records += 1;
                     info.backlog_bytes += end - start;
                 }
@@ -350,7 +368,11 @@ impl Shared {
         metrics::gauge!(SPOOL_BYTES).set(get(&c.bytes));
         metrics::gauge!(SPOOL_BACKLOG_RECORDS).set(get(&c.backlog_records));
         metrics::gauge!(SPOOL_BACKLOG_BYTES).set(get(&c.backlog_bytes));
-        metrics::gauge!(SPOOL_UP).set(if self.up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+        metrics::gauge!(SPOOL_UP).set(if self.up.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     #[cfg(test)]
@@ -392,7 +414,9 @@ mod faults {
                 Fault::Sync => &self.sync,
                 Fault::Open => &self.open,
             };
-            if n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_ok() {
+            if n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+                .is_ok()
+            {
                 return Err(std::io::Error::other("injected I/O error"));
             }
             Ok(())
@@ -574,7 +598,11 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, jobs: &[(Vec<Bytes>, oneshot::Sender<io::Result<()>>)], buf: &mut Vec<u8>) -> io::Result<()> {
+    fn commit(
+        &mut self,
+        jobs: &[(Vec<Bytes>, oneshot::Sender<io::Result<()>>)],
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
         if self.len >= self.segment_bytes {
             self.roll()?;
         }
@@ -586,7 +614,10 @@ impl Writer {
                 count += 1;
             }
         }
-        let file = self.file.as_mut().expect("commit runs with an open segment");
+        let file = self
+            .file
+            .as_mut()
+            .expect("commit runs with an open segment");
         self.shared.inject(faults::Fault::Write)?;
         file.write_all(buf)?;
         self.shared.inject(faults::Fault::Sync)?;
@@ -693,8 +724,12 @@ impl Spool {
             counters.segments.fetch_add(1, Ordering::Relaxed);
             counters.records.fetch_add(info.records, Ordering::Relaxed);
             counters.bytes.fetch_add(info.good_len, Ordering::Relaxed);
-            counters.backlog_records.fetch_add(info.backlog_records, Ordering::Relaxed);
-            counters.backlog_bytes.fetch_add(info.backlog_bytes, Ordering::Relaxed);
+            counters
+                .backlog_records
+                .fetch_add(info.backlog_records, Ordering::Relaxed);
+            counters
+                .backlog_bytes
+                .fetch_add(info.backlog_bytes, Ordering::Relaxed);
             if info.torn_bytes > 0 {
                 counters.torn.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(crate::telemetry::SPOOL_TORN_RECORDS).increment(1);
@@ -839,7 +874,9 @@ impl Spool {
         let c = &sh.counters;
         // Saturating: records appended before a crash may be counted again after a restart.
         let sub = |a: &AtomicU64, v: u64| {
-            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(x.saturating_sub(v)));
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+                Some(x.saturating_sub(v))
+            });
         };
         sub(&c.backlog_records, records);
         sub(&c.backlog_bytes, bytes);
@@ -897,7 +934,11 @@ impl Spool {
 #[derive(Debug)]
 pub enum Step {
     /// A record; `end` is the position just after it.
-    Record { payload: Bytes, end: Pos, bytes: u64 },
+    Record {
+        payload: Bytes,
+        end: Pos,
+        bytes: u64,
+    },
     /// A sealed segment is done (read to its end, or its tail is torn); the log goes on at the
     /// given position. Nothing between the previous position and it is a record.
     Next(Pos),
@@ -1287,8 +1328,15 @@ mod tests {
         spool.close().await;
         let (records, stats) = read_all(tmp.path()).unwrap();
         let ns: Vec<usize> = records.iter().map(|r| n_of(r)).collect();
-        assert_eq!(ns, vec![0, 3], "refused records are not in the spool, acked ones are");
-        assert_eq!(stats.torn, 0, "the damaged segment was cut at its last good frame");
+        assert_eq!(
+            ns,
+            vec![0, 3],
+            "refused records are not in the spool, acked ones are"
+        );
+        assert_eq!(
+            stats.torn, 0,
+            "the damaged segment was cut at its last good frame"
+        );
     }
 
     #[tokio::test]
@@ -1364,6 +1412,9 @@ mod tests {
         let started = Instant::now();
         let lone = commits_for(1_000_000, 1, 5).await;
         assert_eq!(lone, 5);
-        assert!(started.elapsed() < Duration::from_secs(3), "a lone request waited");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a lone request waited"
+        );
     }
 }

@@ -125,7 +125,8 @@ impl Load {
         };
         let mut tasks = Vec::new();
         for w in 0..workers {
-            let (stop, target, acked) = (load.stop.clone(), load.target.clone(), load.acked.clone());
+            let (stop, target, acked) =
+                (load.stop.clone(), load.target.clone(), load.acked.clone());
             let (sent, refused) = (load.sent.clone(), load.refused.clone());
             tasks.push(tokio::spawn(async move {
                 let client = reqwest::Client::builder()
