@@ -67,7 +67,7 @@ async fn a_full_spool_disk_refuses_with_503_then_recovers_when_space_returns() {
     gw.wait_ready(true).await;
     let mut acked = Vec::new();
     let event = |i: usize| {
-        serde_json::json!({"event_id": format!("full-{i}"), "customer": {"phone": "13800138000"}, "text": format!("disk full test {i} {}", "x".repeat(400))}).to_string()
+        serde_json::json!({"event_id": format!("full-{i}"), "customer": {"phone": format!("1390013{:04}", i % 10_000)}, "text": format!("disk full test {i} {}", "x".repeat(400))}).to_string()
     };
     for i in 0..5 {
         let r = gw.post_signed(&event(i)).await;
