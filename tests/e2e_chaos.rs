@@ -26,6 +26,7 @@ async fn chaos_broker_bounces_and_gateway_kills_under_load_lose_nothing() {
         ("SWITCHBOARD_KAFKA__BROKERS", broker.brokers()),
         ("SWITCHBOARD_KAFKA__TOPIC", topic.clone()),
         ("SWITCHBOARD_KAFKA__STATISTICS_INTERVAL_MS", "500".into()),
+        ("SWITCHBOARD_LIMITS__ENABLED", "false".into()),
         ("SWITCHBOARD_SPOOL__SEGMENT_BYTES", "262144".into()),
     ];
     let mut gw = Gateway::start(&env).await;

@@ -17,6 +17,7 @@ async fn kill_9_under_load_with_kafka_up_and_down_loses_no_acknowledged_record()
         ("SWITCHBOARD_KAFKA__BROKERS", broker.brokers()),
         ("SWITCHBOARD_KAFKA__TOPIC", topic.clone()),
         ("SWITCHBOARD_KAFKA__STATISTICS_INTERVAL_MS", "500".into()),
+        ("SWITCHBOARD_LIMITS__ENABLED", "false".into()),
         ("SWITCHBOARD_SPOOL__SEGMENT_BYTES", "65536".into()),
     ];
     let gw = Gateway::start(&env).await;
