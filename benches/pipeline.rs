@@ -136,6 +136,7 @@ fn spool_bench(c: &mut Criterion) {
             dir: dir.path().to_path_buf(),
             segment_bytes: 64 << 20,
             max_batch_records: 4096,
+            ..SpoolConfig::default()
         })
         .unwrap(),
     );

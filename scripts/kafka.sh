@@ -4,6 +4,7 @@
 #   scripts/kafka.sh fetch                 resolve the broker jars from Maven Central into .kafka/lib
 #   scripts/kafka.sh start [DIR] [PORT]    format DIR (default .kafka/run) and start a broker on PORT (default 9092)
 #   scripts/kafka.sh stop  [DIR]           stop the broker started in DIR and wait for it to exit
+#   scripts/kafka.sh resume [DIR]          start the broker of DIR again, keeping its data (after stop)
 #
 # The jars are cached under .kafka/ (git-ignored); `fetch` is a no-op once they are there.
 # The controller listens on PORT+1. `start` returns once the broker accepts connections.
@@ -24,11 +25,25 @@ fetch() {
   touch "$lib/.complete"
 }
 
-start() {
-  fetch
+java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
+  -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties")
+
+running() {
   if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
     echo "kafka.sh: a broker is already running from $dir (pid $(cat "$dir/pid"))" >&2; exit 1
   fi
+}
+
+resume() {
+  fetch
+  running
+  [ -f "$dir/server.properties" ] || { echo "kafka.sh: no broker was started in $dir" >&2; exit 1; }
+  launch
+}
+
+start() {
+  fetch
+  running
   rm -rf "$dir"; mkdir -p "$dir/data"
   local cport=$((port + 1))
   cat > "$dir/server.properties" <<PROPS
@@ -62,13 +77,17 @@ appender.file.layout.pattern = [%d] %p %m (%c)%n
 logger.kafka.name = kafka
 logger.kafka.level = INFO
 PROPS
-  local java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
-    -Dkafka.logs.dir="$dir" -Dlog4j2.configurationFile="$dir/log4j2.properties")
   local id
   id=$(java "${java_opts[@]}" -cp "$lib/*" kafka.tools.StorageTool random-uuid | tail -n 1)
   java "${java_opts[@]}" -cp "$lib/*" kafka.tools.StorageTool format \
     -t "$id" -c "$dir/server.properties" > "$dir/format.log" 2>&1 \
     || { cat "$dir/format.log" >&2; exit 1; }
+  launch
+}
+
+# Starts the broker formatted in $dir (its data and port kept) and waits for its listener.
+launch() {
+  port=$(sed -n 's/^listeners=PLAINTEXT:\/\/127.0.0.1:\([0-9]*\),.*/\1/p' "$dir/server.properties")
   nohup java "${java_opts[@]}" -cp "$lib/*" kafka.Kafka "$dir/server.properties" \
     > "$dir/stdout.log" 2>&1 < /dev/null &
   echo $! > "$dir/pid"
@@ -101,5 +120,6 @@ case "$cmd" in
   fetch) fetch ;;
   start) start ;;
   stop) stop ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  resume) resume ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -353,12 +353,59 @@ pub async fn open_sink(cfg: &Config) -> Result<Arc<dyn Sink>, String> {
         if !kafka.probe_once(Duration::from_secs(3)).await {
             tracing::warn!(brokers = %cfg.kafka.brokers, "kafka unreachable at start; records go to the spool until it answers");
         }
-        tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, "sink: kafka, spool as fallback");
-        Ok(Arc::new(Failover::new(kafka, spool)))
+        tracing::info!(brokers = %cfg.kafka.brokers, topic = %cfg.kafka.topic, "sink: kafka, spool as fallback (replayed to kafka)");
+        Ok(Arc::new(Failover::new(
+            kafka,
+            spool,
+            cfg.spool.replay_max_in_flight,
+            Duration::from_millis(cfg.kafka.flush_timeout_ms),
+        )))
     } else {
         tracing::info!(dir = %cfg.spool.dir.display(), "sink: spool (no kafka.brokers configured)");
         Ok(spool)
     }
+}
+
+/// `switchboard spool replay`: forwards the backlog of a stopped gateway's spool to Kafka and
+/// returns (the spool's LOCK keeps a running gateway's spool out of reach).
+pub async fn forward_backlog(
+    cfg: &Config,
+    timeout: Duration,
+) -> Result<crate::sink::replay::Outcome, String> {
+    use crate::sink::replay::{Replayer, Route};
+    if !cfg.kafka_enabled() {
+        return Err("spool replay needs kafka.brokers (SWITCHBOARD_KAFKA__BROKERS)".into());
+    }
+    let spool = Arc::new(Spool::open(&cfg.spool).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            format!("refusing to replay: {e} (stop that gateway first; a running gateway replays its own spool)")
+        } else {
+            format!("spool.dir {}: {e}", cfg.spool.dir.display())
+        }
+    })?);
+    let kafka = KafkaSink::new(&cfg.kafka).map_err(|e| format!("kafka: {e}"))?;
+    let stop = CancellationToken::new();
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            stop.cancel();
+        })
+    };
+    let replayer = Replayer::new(
+        spool.clone(),
+        kafka.clone(),
+        Arc::new(Route::new(false)),
+        cfg.spool.replay_max_in_flight,
+        Duration::from_millis(cfg.kafka.flush_timeout_ms),
+    );
+    let backlog = spool.stats().backlog_records;
+    tracing::info!(records = backlog, brokers = %cfg.kafka.brokers, "forwarding the spool's backlog");
+    let out = replayer.run(stop, true).await;
+    timer.abort();
+    kafka.flush().await;
+    spool.close().await;
+    Ok(out)
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then shuts down gracefully.

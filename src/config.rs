@@ -296,6 +296,12 @@ pub struct SpoolConfig {
     pub segment_bytes: u64,
     /// Largest group committed by one fsync.
     pub max_batch_records: usize,
+    /// Group commit wait: when the previous commit found more than one request queued (there is
+    /// concurrency), the writer waits up to this long collecting more before its write + fsync.
+    /// A lone request under light load is never delayed. 0 = off.
+    pub group_commit_wait_us: u64,
+    /// Replay to Kafka: most spooled records handed to the producer and not yet acknowledged.
+    pub replay_max_in_flight: usize,
 }
 
 impl Default for SpoolConfig {
@@ -304,6 +310,8 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("var/spool"),
             segment_bytes: 64 * 1024 * 1024,
             max_batch_records: 4096,
+            group_commit_wait_us: 200,
+            replay_max_in_flight: 4096,
         }
     }
 }
@@ -884,6 +892,18 @@ impl Config {
         }
         if self.spool.max_batch_records == 0 {
             return Err(key_err("spool.max_batch_records", "must be at least 1"));
+        }
+        if self.spool.group_commit_wait_us > 100_000 {
+            return Err(key_err(
+                "spool.group_commit_wait_us",
+                "must be at most 100000 (100 ms): every concurrent request waits up to this long",
+            ));
+        }
+        if self.spool.replay_max_in_flight == 0 || self.spool.replay_max_in_flight > 100_000 {
+            return Err(key_err(
+                "spool.replay_max_in_flight",
+                "must be between 1 and 100000",
+            ));
         }
         let c = &self.chat;
         for (k, v) in [

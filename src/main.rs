@@ -46,7 +46,7 @@ enum Command {
         #[arg(long, default_value = "curl")]
         format: String,
     },
-    /// Inspect the local spool.
+    /// Inspect the local spool, or forward its backlog to Kafka.
     Spool {
         #[command(subcommand)]
         command: SpoolCommand,
@@ -55,7 +55,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SpoolCommand {
-    /// Segments, records, bytes and torn segments.
+    /// Segments, records, bytes, torn segments, and the backlog (records past the replay cursor,
+    /// not yet forwarded to Kafka) with the cursor.
     Stats {
         /// Spool directory [default: spool.dir from the config].
         #[arg(long)]
@@ -65,6 +66,15 @@ enum SpoolCommand {
     Cat {
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Forward the backlog of a stopped gateway's spool to the configured Kafka (kafka.brokers),
+    /// in order, then exit. Refuses while a gateway holds the spool's LOCK.
+    Replay {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Give up after this long (what is not forwarded stays in the spool).
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
     },
 }
 
@@ -172,26 +182,53 @@ fn sign(
 }
 
 fn spool(cfg: &Config, cmd: SpoolCommand) -> Result<(), String> {
-    use switchboard::sink::spool::read_all;
-    let (dir, cat) = match cmd {
-        SpoolCommand::Stats { dir } => (dir, false),
-        SpoolCommand::Cat { dir } => (dir, true),
-    };
-    let dir = dir.unwrap_or_else(|| cfg.spool.dir.clone());
-    let (records, stats) = read_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if cat {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        for r in records {
-            out.write_all(&r)
-                .and_then(|_| out.write_all(b"\n"))
-                .map_err(|e| e.to_string())?;
+    use switchboard::sink::spool::{read_all, stats_of};
+    let shown = |d: &std::path::Path| d.display().to_string();
+    match cmd {
+        SpoolCommand::Stats { dir } => {
+            let dir = dir.unwrap_or_else(|| cfg.spool.dir.clone());
+            let stats = stats_of(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            println!(
+                "{}",
+                serde_json::json!({"dir": shown(&dir), "segments": stats.segments, "records": stats.records, "bytes": stats.bytes, "torn_segments": stats.torn, "backlog_records": stats.backlog_records, "backlog_bytes": stats.backlog_bytes, "cursor": stats.cursor})
+            );
         }
-    } else {
-        println!(
-            "{}",
-            serde_json::json!({"dir": dir.display().to_string(), "segments": stats.segments, "records": stats.records, "bytes": stats.bytes, "torn_segments": stats.torn})
-        );
+        SpoolCommand::Cat { dir } => {
+            use std::io::Write;
+            let dir = dir.unwrap_or_else(|| cfg.spool.dir.clone());
+            let (records, _) = read_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let mut out = std::io::stdout().lock();
+            for r in records {
+                out.write_all(&r)
+                    .and_then(|_| out.write_all(b"\n"))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        SpoolCommand::Replay { dir, timeout_secs } => {
+            let mut cfg = cfg.clone();
+            if let Some(d) = dir {
+                cfg.spool.dir = d;
+            }
+            switchboard::telemetry::init_logging(&cfg.log);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let out = rt.block_on(switchboard::app::forward_backlog(
+                &cfg,
+                std::time::Duration::from_secs(timeout_secs),
+            ))?;
+            println!(
+                "{}",
+                serde_json::json!({"dir": shown(&cfg.spool.dir), "replayed": out.replayed, "errors": out.errors, "seconds": out.seconds, "records_per_second": (out.replayed as f64 / out.seconds.max(1e-9)).round(), "backlog_records": out.backlog_records})
+            );
+            if out.backlog_records > 0 {
+                return Err(format!(
+                    "{} records are still in the spool (Kafka did not take them within {timeout_secs} s)",
+                    out.backlog_records
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -56,6 +56,14 @@ pub const TRIAGE_BAD_FLAGS: &str = "switchboard_triage_bad_escalation_flags_tota
 pub const TLS_HANDSHAKES: &str = "switchboard_tls_handshakes_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "switchboard_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "switchboard_tls_reloads_total";
+// Spool replay and spool health.
+pub const SPOOL_BACKLOG_RECORDS: &str = "switchboard_spool_backlog_records";
+pub const SPOOL_BACKLOG_BYTES: &str = "switchboard_spool_backlog_bytes";
+pub const SPOOL_REPLAYED: &str = "switchboard_spool_replayed_total";
+pub const SPOOL_REPLAY_ERRORS: &str = "switchboard_spool_replay_errors_total";
+pub const SPOOL_SEGMENTS_RELEASED: &str = "switchboard_spool_segments_released_total";
+pub const SPOOL_WRITE_ERRORS: &str = "switchboard_spool_write_errors_total";
+pub const SPOOL_UP: &str = "switchboard_spool_up";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -85,6 +93,7 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    describe_spool_replay();
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route and status code."
@@ -239,6 +248,38 @@ fn describe() {
     describe_counter!(
         TLS_RELOADS,
         "Certificate reloads on SIGHUP, by listener and result (ok, error: the old certificate stays)."
+    );
+}
+
+fn describe_spool_replay() {
+    describe_gauge!(
+        SPOOL_BACKLOG_RECORDS,
+        "Records in the spool past the replay cursor: not yet forwarded to Kafka."
+    );
+    describe_gauge!(
+        SPOOL_BACKLOG_BYTES,
+        Unit::Bytes,
+        "Frame bytes of the records past the replay cursor."
+    );
+    describe_counter!(
+        SPOOL_REPLAYED,
+        "Spooled records forwarded to Kafka (acknowledged by the broker)."
+    );
+    describe_counter!(
+        SPOOL_REPLAY_ERRORS,
+        "Replayed records whose delivery failed (kept in the spool and retried with backoff)."
+    );
+    describe_counter!(
+        SPOOL_SEGMENTS_RELEASED,
+        "Spool segments deleted because every record in them was forwarded to Kafka."
+    );
+    describe_counter!(
+        SPOOL_WRITE_ERRORS,
+        "Spool writes or fsyncs that failed (ENOSPC, EIO): the requests of that group were refused."
+    );
+    describe_gauge!(
+        SPOOL_UP,
+        "1 while the spool can write, 0 after a write or fsync error until a fresh segment opens."
     );
 }
 

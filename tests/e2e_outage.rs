@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::durability::PrivateBroker;
 use common::*;
 use std::time::Duration;
 
@@ -69,69 +70,8 @@ async fn kafka_unavailable_at_start_requests_succeed_via_the_spool() {
     assert_eq!(spooled_ids(&gw).len(), 1);
 }
 
-/// A broker of this test's own, so stopping it does not disturb the other tests.
-struct PrivateBroker {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl PrivateBroker {
-    async fn start() -> Self {
-        // Two free ports in a row (broker, controller).
-        let port = loop {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let p = l.local_addr().unwrap().port();
-            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let out = tokio::process::Command::new("bash")
-            .arg(kafka_script())
-            .arg("start")
-            .arg(dir.path())
-            .arg(port.to_string())
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "private broker did not start: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PrivateBroker { dir, port }
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn stop(&self) {
-        let out = tokio::process::Command::new("bash")
-            .arg(kafka_script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .output()
-            .await
-            .unwrap();
-        assert!(out.status.success());
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(kafka_script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .output();
-    }
-}
-
 #[tokio::test]
 async fn kafka_going_away_falls_back_to_the_spool_and_readyz_reflects_it() {
-    kafka_brokers(); // the suite runs under scripts/test.sh, which fetched the broker jars
     let broker = PrivateBroker::start().await;
     let topic = unique("complaints.outage");
     create_topic(&broker.brokers(), &topic, 1).await;

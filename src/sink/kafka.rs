@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,21 +157,33 @@ impl KafkaSink {
         }
     }
 
+    fn record<'a>(&'a self, rec: &'a Encoded) -> FutureRecord<'a, [u8], [u8]> {
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        FutureRecord::to(&self.topic)
+            .key(rec.key.as_bytes())
+            .payload(rec.payload.as_ref())
+            .headers(headers)
+    }
+
+    /// Hands one record to the producer without waiting (replay): the future resolves with the
+    /// broker's acknowledgement. Fails at once when librdkafka's queue is full.
+    pub fn enqueue(&self, rec: &Encoded) -> Result<DeliveryFuture, KafkaError> {
+        self.producer
+            .send_result(self.record(rec))
+            .map_err(|(e, _)| e)
+    }
+
     /// Sends every record; the result for each says whether the broker acknowledged it.
     pub async fn send_all(&self, batch: &[Encoded]) -> Vec<Result<(), SinkError>> {
         let started = Instant::now();
         let sends = batch.iter().map(|rec| {
-            let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-            for (k, v) in &rec.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let record = FutureRecord::to(&self.topic)
-                .key(rec.key.as_bytes())
-                .payload(rec.payload.as_ref())
-                .headers(headers);
+            let record = self.record(rec);
             // Wait briefly for room in librdkafka's queue (backpressure), then give up to the
             // spool rather than hold the sender.
             self.producer.send(record, Duration::from_millis(500))

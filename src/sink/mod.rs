@@ -1,15 +1,18 @@
 //! Sinks make records durable and say so. They know records as keyed, headed byte payloads:
 //! nothing about channels or providers beyond the header values they are handed.
 //!
-//! - `spool`: local append-only, checksummed, segmented log with group-commit fsync.
+//! - `spool`: local append-only, checksummed, segmented log with group-commit fsync and a durable
+//!   replay cursor.
 //! - `kafka`: rdkafka FutureProducer, idempotent, acks=all.
-//! - `failover`: Kafka first, the spool when Kafka cannot take a record. This is what runs when
-//!   Kafka is configured; the spool alone runs when it is not.
+//! - `failover`: Kafka first, the spool when Kafka cannot take a record (or while the spool holds
+//!   a backlog). This is what runs when Kafka is configured; the spool alone runs when it is not.
+//! - `replay`: forwards the spool's backlog to Kafka in order and moves its cursor.
 //! - `memory`: keeps records in memory; for benchmarks and unit tests of the HTTP path.
 
 pub mod failover;
 pub mod kafka;
 pub mod memory;
+pub mod replay;
 pub mod spool;
 
 use bytes::Bytes;

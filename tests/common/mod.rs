@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod chat;
+pub mod durability;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -46,8 +47,16 @@ impl Gateway {
     /// Starts the gateway with the shipped config plus `env` overrides, on ephemeral ports, with
     /// its own spool directory; returns once it printed its listening line.
     pub async fn start(env: &[(&str, String)]) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), env).await
+    }
+
+    /// Starts a gateway in `dir` (its spool included): a restart after `kill` or `terminate`.
+    pub async fn start_in(dir: tempfile::TempDir, env: &[(&str, String)]) -> Gateway {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("gateway.log"))
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         cmd.arg("--config")
             .arg(CONFIG)
@@ -99,6 +108,13 @@ impl Gateway {
                 .build()
                 .unwrap(),
         }
+    }
+
+    /// SIGKILL: no shutdown of any kind. Returns the directory for a restart with `start_in`.
+    pub async fn kill(mut self) -> tempfile::TempDir {
+        self.child.start_kill().expect("kill");
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        self.dir
     }
 
     pub fn spool_dir(&self) -> PathBuf {
