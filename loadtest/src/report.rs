@@ -312,9 +312,7 @@ fn merge_resources(mut ts: Vec<SecondPoint>, res: Option<&ResourceReport>) -> Ve
             ts.push(SecondPoint::empty(next));
         }
         if let Some(t) = ts.iter_mut().find(|t| t.second == p.second) {
-            t.gateway_rss_mb = p.gateway_rss_mb;
-            t.gateway_cpu_cores = p.gateway_cpu_cores;
-            t.loadgen_cpu_cores = p.loadgen_cpu_cores;
+            t.resources = p.sample;
         }
     }
     ts
@@ -1140,7 +1138,7 @@ fn resources_html(r: &ResourceReport, s: &mut String) {
         );
         let rss: Vec<(f64, f64)> = ts
             .iter()
-            .filter_map(|p| p.gateway_rss_mb.map(|v| (p.second as f64 + 1.0, v)))
+            .filter_map(|p| p.sample.gateway_rss_mb.map(|v| (p.second as f64 + 1.0, v)))
             .collect();
         let max = rss.iter().map(|p| p.1).fold(1.0, f64::max);
         s.push_str(&svg_chart(
@@ -1161,8 +1159,8 @@ fn resources_html(r: &ResourceReport, s: &mut String) {
             .filter_map(|p| f(p).map(|v| (p.second as f64 + 0.5, v)))
             .collect()
     };
-    let gw = pts(|p| p.gateway_cpu_cores);
-    let lg = pts(|p| p.loadgen_cpu_cores);
+    let gw = pts(|p| p.sample.gateway_cpu_cores);
+    let lg = pts(|p| p.sample.loadgen_cpu_cores);
     let max = gw.iter().chain(&lg).map(|p| p.1).fold(1.0, f64::max);
     s.push_str(&svg_chart(
         "CPU over time",
@@ -1412,6 +1410,113 @@ mod tests {
         assert_eq!(percentile_label(10.0), "90%");
         assert_eq!(percentile_label(1000.0), "99.9%");
         assert_eq!(percentile_label(100000.0), "99.999%");
+    }
+
+    #[test]
+    fn chat_smtp_and_resources_get_their_sections() {
+        use crate::chat::{Answer, ChatEvent, ChatSettings};
+        use crate::resources::{summarise, Reading};
+        let (mut cfg, _) = sample();
+        let start = Instant::now();
+        let mut c = Collector::new(start, Duration::ZERO, None).with_chat(2, 1.0);
+        c.record_chat(ChatEvent::Connected {
+            latency: Duration::from_millis(2),
+        })
+        .unwrap();
+        c.record_chat(ChatEvent::ConnectFailed {
+            kind: "http_503".into(),
+        })
+        .unwrap();
+        for i in 0..50u64 {
+            let intended = start + Duration::from_millis(i * 20);
+            c.record_chat(ChatEvent::Answer {
+                intended,
+                done: intended + Duration::from_millis(3),
+                answer: if i == 7 {
+                    Answer::Error {
+                        code: "rate_limited".into(),
+                    }
+                } else {
+                    Answer::Ack {
+                        duplicate: false,
+                        record_id: format!("R{i}"),
+                    }
+                },
+                dup: false,
+            })
+            .unwrap();
+        }
+        c.record_chat(ChatEvent::Closed { how: "1008".into() })
+            .unwrap();
+        let (stats, _) = c.finish().unwrap();
+        cfg.mix = Mix::none();
+        cfg.chat = Some(ChatSettings {
+            url: "ws://127.0.0.1:8080/v1/chat".into(),
+            sessions: 2,
+            rate: 1.0,
+            connect_rate: 100.0,
+            origin: None,
+            customer_secret: None,
+            dup_ratio: 0.0,
+            timeout: Duration::from_secs(5),
+        });
+        let readings: Vec<Reading> = (0..=3)
+            .map(|i| Reading {
+                t: i as f64,
+                rss_kb: Some(200_000 + i * 1000),
+                gateway_ticks: Some(i * 100),
+                self_ticks: Some(i * 10),
+            })
+            .collect();
+        let r = RunResult {
+            stats,
+            measured: Duration::from_secs(1),
+            sent: 0,
+            acked_written: 0,
+            acked_error: None,
+            interrupted: false,
+            smtp: None,
+            resources: Some(summarise(Some(42), &readings)),
+            fds: Some(crate::run::FdLimit {
+                before: 1024,
+                after: 20_000,
+                hard: 20_000,
+                needed: 66,
+            }),
+        };
+        let rep = build(&cfg, &r, 0);
+        let v = serde_json::to_value(&rep).unwrap();
+        assert_eq!(v["config"]["mode"], "none");
+        assert_eq!(v["chat"]["connected"], 1);
+        assert_eq!(v["chat"]["connect_failures"]["http_503"], 1);
+        assert_eq!(v["chat"]["acked"], 49);
+        assert_eq!(v["chat"]["errors"]["rate_limited"], 1);
+        assert_eq!(v["chat"]["closes"]["1008"], 1);
+        let p50 = v["chat"]["ack_latency_us"]["p50"].as_u64().unwrap();
+        assert!((2_990..=3_010).contains(&p50), "{p50}");
+        assert_eq!(v["resources"]["gateway_cpu_cores"], 1.0);
+        assert_eq!(v["file_descriptors"]["soft"], 20_000);
+        // The per-second series carries the samples even without request load.
+        assert_eq!(v["timeseries"][1]["gateway_cpu_cores"], 1.0);
+        assert!(v["timeseries"][2]["gateway_rss_mb"].as_f64().unwrap() > 200.0);
+        let text = summary(&rep);
+        assert!(text.contains("chat: 2 sessions"), "{text}");
+        assert!(text.contains("failed http_503=1"));
+        assert!(text.contains("gateway (pid 42)"));
+        assert!(
+            !text.contains("channel      count"),
+            "no request table for --mix none"
+        );
+        assert!(hints(&rep)
+            .iter()
+            .any(|h| h.contains("MESSAGES_PER_MINUTE")));
+        assert!(hints(&rep).iter().any(|h| h.contains("MAX_SESSIONS")));
+        let page = html(&rep);
+        assert!(page.contains("<h2>Chat sessions</h2>"));
+        assert!(page.contains("Chat ack latency by percentile"));
+        assert!(page.contains("Gateway RSS over time"));
+        assert!(page.contains("CPU over time"));
+        assert!(!page.contains("Throughput over time"));
     }
 
     #[test]

@@ -136,16 +136,26 @@ pub async fn sample(pid: Option<u32>, from: Instant, stop: Arc<AtomicBool>) -> V
     }
 }
 
-/// Per second of the measured window: the gateway's RSS at its end and the CPU used in it.
+/// One second's figures: the gateway's RSS at its end and the CPU used in it.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct ResourceSample {
+    /// The gateway's RSS at the end of the second, MB (with `--gateway-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_rss_mb: Option<f64>,
+    /// CPU cores the gateway used in the second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_cpu_cores: Option<f64>,
+    /// CPU cores the harness used in the second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loadgen_cpu_cores: Option<f64>,
+}
+
+/// Per second of the measured window.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ResourcePoint {
     pub second: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gateway_rss_mb: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gateway_cpu_cores: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loadgen_cpu_cores: Option<f64>,
+    #[serde(flatten)]
+    pub sample: ResourceSample,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -200,9 +210,11 @@ pub fn summarise(pid: Option<u32>, r: &[Reading]) -> ResourceReport {
         let secs = w[1].t - w[0].t;
         series.push(ResourcePoint {
             second: w[0].t.round() as u64,
-            gateway_rss_mb: w[1].rss_kb.map(mb),
-            gateway_cpu_cores: cores(w[0].gateway_ticks, w[1].gateway_ticks, secs),
-            loadgen_cpu_cores: cores(w[0].self_ticks, w[1].self_ticks, secs),
+            sample: ResourceSample {
+                gateway_rss_mb: w[1].rss_kb.map(mb),
+                gateway_cpu_cores: cores(w[0].gateway_ticks, w[1].gateway_ticks, secs),
+                loadgen_cpu_cores: cores(w[0].self_ticks, w[1].self_ticks, secs),
+            },
         });
     }
     let rss: Vec<(f64, f64)> = r
@@ -283,8 +295,8 @@ mod tests {
         let s = summarise(Some(7), &r);
         assert_eq!(s.samples, 61);
         assert_eq!(s.series.len(), 60);
-        assert_eq!(s.series[0].gateway_cpu_cores, Some(0.5));
-        assert_eq!(s.series[0].loadgen_cpu_cores, Some(0.25));
+        assert_eq!(s.series[0].sample.gateway_cpu_cores, Some(0.5));
+        assert_eq!(s.series[0].sample.loadgen_cpu_cores, Some(0.25));
         let rss = s.gateway_rss_mb.unwrap();
         assert_eq!(rss.start, 104.86);
         assert_eq!(rss.max, rss.end);

@@ -229,7 +229,7 @@ fn body_text(rng: &mut fastrand::Rng, c: &Customer, complaint: &str, target: usi
             s.push_str(&line);
             s.push_str("\r\n");
         }
-        if n % 4 == 0 {
+        if n.is_multiple_of(4) {
             s.push_str("\r\n");
         }
         k = (k + 1) % TEXTS.len();
@@ -839,6 +839,16 @@ mod tests {
         messages: Vec<Vec<u8>>,
     }
 
+    impl Seen {
+        /// The command verbs in order (`MAIL FROM:<a>` → `MAIL`).
+        fn verbs(&self) -> Vec<&str> {
+            self.commands
+                .iter()
+                .map(|c| c.split([' ', ':']).next().unwrap())
+                .collect()
+        }
+    }
+
     /// A tiny SMTP server that, when `pipelining` is advertised, answers the envelope only once
     /// MAIL, RCPT and DATA have all arrived: a client waiting for each reply before sending the
     /// next command would hang (and the test time out). RCPT to `refuse@…` gets 550.
@@ -957,11 +967,7 @@ mod tests {
         let (codes, seen, ext) = exchange(true).await;
         assert!(ext.pipelining);
         assert_eq!(codes, vec![250, 550, 250]);
-        let verbs: Vec<&str> = seen
-            .commands
-            .iter()
-            .map(|c| c.split([' ', ':']).next().unwrap())
-            .collect();
+        let verbs = seen.verbs();
         // One connection, three transactions; RSET only after the refused one.
         assert_eq!(
             verbs,
@@ -983,11 +989,7 @@ mod tests {
         let (codes, seen, ext) = exchange(false).await;
         assert!(!ext.pipelining && !ext.eight_bit_mime && ext.size);
         assert_eq!(codes, vec![250, 550, 250]);
-        let verbs: Vec<&str> = seen
-            .commands
-            .iter()
-            .map(|c| c.split([' ', ':']).next().unwrap())
-            .collect();
+        let verbs = seen.verbs();
         // After the refused RCPT no DATA is sent; RSET before the next MAIL.
         assert_eq!(
             verbs,

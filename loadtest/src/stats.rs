@@ -163,15 +163,9 @@ pub struct SecondPoint {
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
-    /// The gateway's RSS at the end of the second (with `--gateway-pid`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gateway_rss_mb: Option<f64>,
-    /// CPU cores the gateway used in the second.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gateway_cpu_cores: Option<f64>,
-    /// CPU cores the harness used in the second.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loadgen_cpu_cores: Option<f64>,
+    /// The gateway's RSS and CPU and the harness's CPU in this second (filled by the report).
+    #[serde(flatten)]
+    pub resources: crate::resources::ResourceSample,
 }
 
 impl SecondPoint {
@@ -217,9 +211,7 @@ impl Bucket {
             } else {
                 self.hist.max()
             },
-            gateway_rss_mb: None,
-            gateway_cpu_cores: None,
-            loadgen_cpu_cores: None,
+            resources: Default::default(),
         }
     }
 }
