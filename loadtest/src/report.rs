@@ -639,7 +639,7 @@ pub fn hints(rep: &Report) -> Vec<String> {
             out.push(format!("smtp: {} mails deferred with 451 (rate limited or the sink unavailable): raise SWITCHBOARD_LIMITS__PER_SOURCE__PER_SECOND / ..._BURST (the source limit covers SMTP too)", n("451")));
         }
         if n("421") > 0 || m.error_kinds.contains_key("protocol") {
-            out.push("smtp: 421 or unreadable greetings: the gateway caps SMTP connections at email.max_connections (200); raise SWITCHBOARD_EMAIL__MAX_CONNECTIONS above --smtp-connections".into());
+            out.push("smtp: 421 or unreadable greetings: the gateway closes a connection after email.max_errors (10) refused commands (see the other statuses) and refuses connections over email.max_connections (200; raise SWITCHBOARD_EMAIL__MAX_CONNECTIONS above --smtp-connections)".into());
         }
         if n("552") > 0 {
             out.push(

@@ -551,6 +551,18 @@ impl Conn {
         let rset = std::mem::take(&mut self.needs_rset);
         let mail_cmd = self.mail_from(mail);
         let rcpt_cmd = format!("RCPT TO:<{rcpt}>\r\n");
+        // A 421 (the server is closing, e.g. after too many errors) ends the exchange at once,
+        // whichever command it answers: it is this mail's status and the connection is dropped.
+        macro_rules! reply {
+            () => {{
+                let r = read_reply(&mut self.io).await?;
+                self.note(&r);
+                if self.closing {
+                    return Ok(r);
+                }
+                r
+            }};
+        }
         let (mail_r, rcpt_r, data_r);
         if self.pipelining() {
             // RFC 2920: the whole group in one write, then the replies in order.
@@ -563,38 +575,30 @@ impl Conn {
             group.push_str("DATA\r\n");
             self.command(&group).await?;
             if rset {
-                let r = read_reply(&mut self.io).await?;
-                self.note(&r);
+                reply!();
             }
-            mail_r = read_reply(&mut self.io).await?;
-            self.note(&mail_r);
-            rcpt_r = read_reply(&mut self.io).await?;
-            self.note(&rcpt_r);
-            data_r = read_reply(&mut self.io).await?;
-            self.note(&data_r);
+            mail_r = reply!();
+            rcpt_r = reply!();
+            data_r = reply!();
         } else {
             if rset {
                 self.command("RSET\r\n").await?;
-                let r = read_reply(&mut self.io).await?;
-                self.note(&r);
+                reply!();
             }
             self.command(&mail_cmd).await?;
-            mail_r = read_reply(&mut self.io).await?;
-            self.note(&mail_r);
+            mail_r = reply!();
             if !mail_r.positive() {
                 self.needs_rset = true;
                 return Ok(mail_r);
             }
             self.command(&rcpt_cmd).await?;
-            rcpt_r = read_reply(&mut self.io).await?;
-            self.note(&rcpt_r);
+            rcpt_r = reply!();
             if !rcpt_r.positive() {
                 self.needs_rset = true;
                 return Ok(rcpt_r);
             }
             self.command("DATA\r\n").await?;
-            data_r = read_reply(&mut self.io).await?;
-            self.note(&data_r);
+            data_r = reply!();
         }
         let refused = [&mail_r, &rcpt_r]
             .into_iter()
@@ -607,8 +611,7 @@ impl Conn {
         if let Some(r) = refused {
             // A server that says 354 after refusing the envelope gets an empty message.
             self.command(".\r\n").await?;
-            let end = read_reply(&mut self.io).await?;
-            self.note(&end);
+            reply!();
             self.needs_rset = true;
             return Ok(r);
         }
@@ -617,9 +620,7 @@ impl Conn {
             self.io.write_all(b"\r\n").await.map_err(SmtpError::Io)?;
         }
         self.command(".\r\n").await?;
-        let end = read_reply(&mut self.io).await?;
-        self.note(&end);
-        Ok(end)
+        Ok(reply!())
     }
 }
 
@@ -1018,6 +1019,45 @@ mod tests {
             assert_eq!(e.kind(), want, "{e}");
             server.await.unwrap();
         }
+        // A server closing with 421 after the first refused mail (like the gateway after
+        // email.max_errors): the next mail's status is 421 and the connection is not reused.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut io = BufStream::new(tcp);
+            io.write_all(b"220 x\r\n").await.unwrap();
+            io.flush().await.unwrap();
+            let mut line = String::new();
+            io.read_line(&mut line).await.unwrap(); // EHLO
+            io.write_all(b"250-x\r\n250 PIPELINING\r\n").await.unwrap();
+            io.flush().await.unwrap();
+            for _ in 0..3 {
+                line.clear();
+                io.read_line(&mut line).await.unwrap(); // MAIL, RCPT, DATA
+            }
+            io.write_all(b"250 ok\r\n550 no\r\n503 no\r\n421 4.7.0 Too many errors\r\n")
+                .await
+                .unwrap();
+            io.flush().await.unwrap();
+            // Keep the socket until the client is done (a close could reset unread replies).
+            while io.read_line(&mut line).await.unwrap_or(0) > 0 {}
+        });
+        let mut c = Conn::connect(&addr, "x", false).await.unwrap();
+        let mut rng = fastrand::Rng::with_seed(3);
+        let m = build_mail(
+            &mut rng,
+            &settings(1000, BodyEncoding::EightBit, 0.0),
+            &customer(1),
+            TEXTS[2],
+            DATE,
+        );
+        assert_eq!(c.send(&m, "a@x").await.unwrap().code, 550);
+        assert!(c.reusable(), "the 421 is not read yet");
+        assert_eq!(c.send(&m, "a@x").await.unwrap().code, 421);
+        assert!(!c.reusable());
+        drop(c);
+        server.await.unwrap();
         // Nobody listening.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
