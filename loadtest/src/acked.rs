@@ -2,9 +2,10 @@
 //! acknowledged with 2xx, `{"channel":"events","key":"01K…"}`.
 //!
 //! `key` is what identifies the record in Kafka: for `events` the record `id` from the 202
-//! answer; for `twilio`, `meta` and `wechat` the provider message id the harness generated (the
-//! record's `provider_message_id`: MessageSid, wamid, MsgId). A re-sent duplicate writes its key
-//! again; readers treat keys as a set.
+//! answer and for `chat` the `record_id` of the ack frame; for `twilio`, `meta`, `wechat` and
+//! `smtp` the provider message id the harness generated (the record's `provider_message_id`:
+//! MessageSid, wamid, MsgId, the mail's Message-ID without angle brackets). A re-sent duplicate
+//! writes its key again; readers treat keys as a set.
 
 use crate::channels::Channel;
 use serde::{Deserialize, Serialize};
@@ -18,10 +19,18 @@ pub struct AckLine {
     pub key: String,
 }
 
+/// The channel name of chat acks (chat is not a `--mix` channel).
+pub const CHAT: &str = "chat";
+
+/// Whether `name` is a channel an acked line may name.
+pub fn known_channel(name: &str) -> bool {
+    name == CHAT || Channel::from_name(name).is_some()
+}
+
 impl AckLine {
-    /// Whether the key is a record id (events) rather than a provider message id.
+    /// Whether the key is a record id (events, chat) rather than a provider message id.
     pub fn is_record_id(&self) -> bool {
-        self.channel == Channel::Events.name()
+        self.channel == Channel::Events.name() || self.channel == CHAT
     }
 }
 
@@ -43,8 +52,12 @@ impl AckWriter {
     }
 
     pub fn write(&mut self, channel: Channel, key: &str) -> Result<(), String> {
+        self.write_name(channel.name(), key)
+    }
+
+    pub fn write_name(&mut self, channel: &str, key: &str) -> Result<(), String> {
         let line = AckLine {
-            channel: channel.name().to_string(),
+            channel: channel.to_string(),
             key: key.to_string(),
         };
         serde_json::to_writer(&mut self.out, &line)
@@ -81,7 +94,7 @@ pub fn read(path: &Path) -> Result<Vec<AckLine>, String> {
                 i + 1
             )
         })?;
-        if Channel::from_name(&a.channel).is_none() {
+        if !known_channel(&a.channel) {
             return Err(format!(
                 "--acked {} line {}: unknown channel `{}`",
                 path.display(),
@@ -115,16 +128,21 @@ mod tests {
             .unwrap();
         w.write(Channel::Wechat, "6054768590064713728").unwrap();
         w.write(Channel::Meta, "wamid.\"quoted\"\\").unwrap();
-        assert_eq!(w.finish().unwrap(), 4);
+        w.write(Channel::Smtp, "lt.01K@loadtest.switchboard.example")
+            .unwrap();
+        w.write_name(CHAT, "01KCHATRECORD0000000000000").unwrap();
+        assert_eq!(w.finish().unwrap(), 6);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text.lines().next().unwrap(),
             r#"{"channel":"events","key":"01KABCDEFGHJKMNPQRSTVWXYZ0"}"#
         );
         let back = read(&path).unwrap();
-        assert_eq!(back.len(), 4);
+        assert_eq!(back.len(), 6);
         assert!(back[0].is_record_id());
         assert!(!back[1].is_record_id());
+        assert!(!back[4].is_record_id(), "smtp keys are Message-IDs");
+        assert!(back[5].is_record_id(), "chat keys are record ids");
         assert_eq!(back[3].key, "wamid.\"quoted\"\\");
         std::fs::remove_file(&path).ok();
     }

@@ -11,6 +11,8 @@
 //!   HMAC-SHA256(app secret, raw body)>`; the body escapes non-ASCII as `\uXXXX` like Meta does.
 //! - `wechat` → `POST /hooks/wechat` (plain-mode XML): query `signature` = hex(SHA1(sorted
 //!   concat of token, timestamp, nonce)), `timestamp`, `nonce`, `openid`.
+//! - `smtp` → the SMTP listener (not HTTP): a MIME mail from `crate::smtp`, sent over a pooled
+//!   connection with ESMTP pipelining; the key is its Message-ID.
 
 use base64::Engine;
 use bytes::Bytes;
@@ -21,21 +23,26 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// One of the HTTP channels under test.
+/// One of the request channels of `--mix` (the chat channel runs as sessions, see `crate::chat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Channel {
     Events,
     Twilio,
     Meta,
     Wechat,
+    Smtp,
 }
 
+/// How many request channels there are (the length of `Channel::ALL`).
+pub const CHANNELS: usize = 5;
+
 impl Channel {
-    pub const ALL: [Channel; 4] = [
+    pub const ALL: [Channel; CHANNELS] = [
         Channel::Events,
         Channel::Twilio,
         Channel::Meta,
         Channel::Wechat,
+        Channel::Smtp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +51,7 @@ impl Channel {
             Channel::Twilio => "twilio",
             Channel::Meta => "meta",
             Channel::Wechat => "wechat",
+            Channel::Smtp => "smtp",
         }
     }
 
@@ -57,6 +65,8 @@ impl Channel {
             Channel::Twilio => "/hooks/twilio/sms",
             Channel::Meta => "/hooks/meta",
             Channel::Wechat => "/hooks/wechat",
+            // Not an HTTP route: only named in messages.
+            Channel::Smtp => "SMTP",
         }
     }
 
@@ -65,6 +75,7 @@ impl Channel {
             Channel::Events | Channel::Meta => "application/json",
             Channel::Twilio => "application/x-www-form-urlencoded",
             Channel::Wechat => "text/xml",
+            Channel::Smtp => "message/rfc822",
         }
     }
 
@@ -76,7 +87,8 @@ impl Channel {
 // ---------------------------------------------------------------------------------------------
 // Mix
 
-/// Relative weights per channel, e.g. `events=4,twilio=3,meta=2,wechat=1`.
+/// Relative weights per channel, e.g. `events=4,twilio=3,meta=2,wechat=1,smtp=1`; `none` for
+/// no request load (a chat-only run).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mix {
     weights: Vec<(Channel, u32)>,
@@ -84,7 +96,22 @@ pub struct Mix {
 }
 
 impl Mix {
+    /// No request channel: only chat sessions (if any) send.
+    pub fn none() -> Mix {
+        Mix {
+            weights: Vec::new(),
+            total: 0,
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.total == 0
+    }
+
     pub fn parse(raw: &str) -> Result<Mix, String> {
+        if raw.trim() == "none" {
+            return Ok(Mix::none());
+        }
         let known = || {
             Channel::ALL
                 .iter()
@@ -117,16 +144,16 @@ impl Mix {
         let total: u64 = weights.iter().map(|(_, w)| u64::from(*w)).sum();
         if total == 0 {
             return Err(format!(
-                "--mix: no channel with a weight above 0 (e.g. events=4,twilio=3,meta=2,wechat=1; known: {})",
+                "--mix: no channel with a weight above 0 (e.g. events=4,twilio=3,meta=2,wechat=1, or `none` with --chat-sessions; known: {})",
                 known()
             ));
         }
         Ok(Mix { weights, total })
     }
 
-    /// The channel for a uniform draw `r` in `0..total()`.
+    /// The channel for a uniform draw `r` in `0..total()` (not for `none`).
     pub fn pick(&self, r: u64) -> Channel {
-        let mut r = r % self.total;
+        let mut r = r % self.total.max(1);
         for (c, w) in &self.weights {
             let w = u64::from(*w);
             if r < w {
@@ -135,7 +162,7 @@ impl Mix {
             r -= w;
         }
         // Unreachable: r < total. The last channel keeps the function total.
-        self.weights[self.weights.len() - 1].0
+        self.weights.last().map_or(Channel::Events, |(c, _)| *c)
     }
 
     pub fn total(&self) -> u64 {
@@ -146,8 +173,11 @@ impl Mix {
         self.weights.iter().any(|(x, _)| *x == c)
     }
 
-    /// The normalised form, e.g. `events=4,twilio=3`.
+    /// The normalised form, e.g. `events=4,twilio=3` (or `none`).
     pub fn describe(&self) -> String {
+        if self.is_none() {
+            return "none".into();
+        }
         self.weights
             .iter()
             .map(|(c, w)| format!("{}={w}", c.name()))
@@ -261,6 +291,8 @@ pub struct Payload {
     pub fixed_signature: Option<String>,
     /// WeChat's `openid` query parameter.
     pub openid: Option<String>,
+    /// The mail of an `smtp` payload (its `data` is also the body).
+    pub mail: Option<crate::smtp::Mail>,
 }
 
 /// A request ready for the client: method POST, URI, headers and body.
@@ -308,6 +340,8 @@ impl Signer {
                     headers.push(("x-hub-signature-256", sig.clone()));
                 }
             }
+            // Never sent over HTTP: `run` hands smtp payloads to the SMTP pool.
+            Channel::Smtp => {}
             Channel::Wechat => {
                 let ts = now.to_string();
                 let nonce = nonce.to_string();
@@ -447,27 +481,51 @@ pub struct GenConfig {
     pub meta_batch: usize,
     /// The WeChat official account id (`ToUserName`).
     pub wechat_account: String,
+    /// What `smtp` mails look like.
+    pub mail: crate::smtp::MailSettings,
     /// Next customer number (shared by all generators; random start per run).
     pub customer_seq: AtomicU64,
     /// Recent payloads per channel, for `dup_ratio` re-sends. One ring for the whole run (at
     /// most `DUP_RING` per channel), so memory does not grow with the number of workers and a
     /// re-send may go out on another connection than the original, as provider retries do.
-    recent: Mutex<[VecDeque<Arc<Payload>>; 4]>,
+    recent: Mutex<[VecDeque<Arc<Payload>>; CHANNELS]>,
+}
+
+/// Mail settings for generators that are not given any (1 KB, 8bit, the dev intake address).
+pub fn default_mail() -> crate::smtp::MailSettings {
+    crate::smtp::MailSettings {
+        size: 1024,
+        rcpt: "complaints@switchboard.localhost".into(),
+        encoding: crate::smtp::BodyEncoding::EightBit,
+        attachment_ratio: 0.0,
+    }
 }
 
 impl GenConfig {
+    #[cfg(test)]
     pub fn new(mix: Mix, dup_ratio: f64, meta_batch: usize, wechat_account: String) -> Self {
+        Self::with_mail(mix, dup_ratio, meta_batch, wechat_account, default_mail())
+    }
+
+    pub fn with_mail(
+        mix: Mix,
+        dup_ratio: f64,
+        meta_batch: usize,
+        wechat_account: String,
+        mail: crate::smtp::MailSettings,
+    ) -> Self {
         Self {
             mix,
             dup_ratio,
             meta_batch,
             wechat_account,
+            mail,
             customer_seq: AtomicU64::new(fastrand::u64(0..1_000_000_000)),
             recent: Mutex::new(Default::default()),
         }
     }
 
-    fn recent(&self) -> std::sync::MutexGuard<'_, [VecDeque<Arc<Payload>>; 4]> {
+    fn recent(&self) -> std::sync::MutexGuard<'_, [VecDeque<Arc<Payload>>; CHANNELS]> {
         // A panic elsewhere cannot leave the rings inconsistent: keep using them.
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -559,6 +617,22 @@ impl Generator {
             Channel::Twilio => self.twilio(),
             Channel::Meta => self.meta(now),
             Channel::Wechat => self.wechat(now),
+            Channel::Smtp => self.smtp(),
+        }
+    }
+
+    fn smtp(&mut self) -> Payload {
+        let c = self.next_customer();
+        let text = self.text();
+        let date = chrono::Utc::now().to_rfc2822();
+        let mail = crate::smtp::build_mail(&mut self.rng, &self.cfg.mail, &c, &text, &date);
+        Payload {
+            channel: Channel::Smtp,
+            body: mail.data.clone(),
+            keys: vec![mail.message_id.clone()],
+            fixed_signature: None,
+            openid: None,
+            mail: Some(mail),
         }
     }
 
@@ -586,6 +660,7 @@ impl Generator {
             keys: vec![event_id],
             fixed_signature: None,
             openid: None,
+            mail: None,
         }
     }
 
@@ -624,6 +699,7 @@ impl Generator {
             keys: vec![sid],
             fixed_signature: Some(sig),
             openid: None,
+            mail: None,
         }
     }
 
@@ -678,6 +754,7 @@ impl Generator {
             keys,
             fixed_signature: Some(sig),
             openid: None,
+            mail: None,
         }
     }
 
@@ -708,6 +785,7 @@ impl Generator {
             keys: vec![msg_id.to_string()],
             fixed_signature: None,
             openid: Some(openid),
+            mail: None,
         }
     }
 }
@@ -846,6 +924,12 @@ mod tests {
         let m = Mix::parse(" events , wechat=0, meta = 2 ").unwrap();
         assert_eq!(m.describe(), "events=1,meta=2");
         assert!(!m.contains(Channel::Wechat));
+        let m = Mix::parse("twilio=3,smtp=1").unwrap();
+        assert!(m.contains(Channel::Smtp) && !m.is_none());
+        assert_eq!(m.describe(), "twilio=3,smtp=1");
+        let none = Mix::parse("none").unwrap();
+        assert!(none.is_none());
+        assert_eq!(none.describe(), "none");
         for bad in [
             "",
             "sms=1",
@@ -854,6 +938,7 @@ mod tests {
             "events=1,events=2",
             "events=0",
             "events=99999999999",
+            "none,events",
         ] {
             assert!(Mix::parse(bad).is_err(), "{bad:?} accepted");
         }
@@ -1028,6 +1113,34 @@ mod tests {
             assert!(!g.next(0).1);
         }
         assert!(none.recent().iter().all(|r| r.is_empty()));
+    }
+
+    #[test]
+    fn smtp_payloads_carry_their_mail_and_message_id() {
+        let s = secrets();
+        let mut mail = default_mail();
+        mail.size = 4096;
+        let cfg = Arc::new(GenConfig::with_mail(
+            Mix::parse("smtp").unwrap(),
+            1.0,
+            1,
+            "gh_x".into(),
+            mail,
+        ));
+        let mut g = Generator::new(cfg, &s);
+        let (p, dup) = g.next(0);
+        assert!(!dup);
+        assert_eq!(p.channel, Channel::Smtp);
+        let m = p.mail.as_ref().unwrap();
+        assert_eq!(p.body, m.data);
+        assert_eq!(p.keys, vec![m.message_id.clone()]);
+        assert!(p.body.len() >= 4096);
+        let text = std::str::from_utf8(&p.body).unwrap();
+        assert!(text.contains(&format!("Message-ID: <{}>", m.message_id)));
+        // A re-send is the same mail, Message-ID included: the gateway's dedupe sees it again.
+        let (again, dup) = g.next(0);
+        assert!(dup);
+        assert_eq!(again.body, p.body);
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //!
 //! Closed loop: `--concurrency` workers each send back-to-back (latency from the actual send);
 //! this finds the maximum throughput rather than latency at a given load.
+//!
+//! `smtp` payloads in the mix go to the SMTP pool (`crate::smtp`) instead of the HTTP client,
+//! with the same scheduling and statistics. Chat sessions (`crate::chat`) connect before the
+//! measured run starts and then load alongside, with their own statistics. With a gateway pid,
+//! its RSS and CPU are sampled every second of the measured window (`crate::resources`).
 
 use crate::acked::AckWriter;
 use crate::channels::{Channel, GenConfig, Generator, Payload, Secrets, Signer};
@@ -49,10 +54,46 @@ pub struct RunConfig {
     pub wechat_account: String,
     pub secrets: Secrets,
     pub acked: Option<PathBuf>,
+    /// The SMTP pool for `smtp` in the mix (required when it is there).
+    pub smtp: Option<SmtpRun>,
+    /// Chat sessions alongside the mix.
+    pub chat: Option<crate::chat::ChatSettings>,
+    /// The gateway process to sample (RSS, CPU).
+    pub gateway_pid: Option<u32>,
     pub progress: bool,
     /// Stop early on Ctrl-C and report what was measured (the CLI; not in tests, where a
     /// process-wide SIGINT handler would outlive the run).
     pub catch_interrupt: bool,
+}
+
+/// The SMTP side of a run.
+#[derive(Debug, Clone)]
+pub struct SmtpRun {
+    /// `host:port` of the gateway's SMTP listener.
+    pub addr: String,
+    pub helo: String,
+    pub connections: usize,
+    pub mail: crate::smtp::MailSettings,
+    pub no_pipelining: bool,
+}
+
+/// What the SMTP pool did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpResult {
+    pub connections: usize,
+    pub opened: u64,
+    /// Some connection used PIPELINING / some did not.
+    pub pipelined: bool,
+    pub unpipelined: bool,
+}
+
+/// RLIMIT_NOFILE at start and after raising the soft limit to the hard one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdLimit {
+    pub before: u64,
+    pub after: u64,
+    pub hard: u64,
+    pub needed: u64,
 }
 
 pub struct RunResult {
@@ -64,6 +105,9 @@ pub struct RunResult {
     /// A failure writing the acked file (the run itself went on).
     pub acked_error: Option<String>,
     pub interrupted: bool,
+    pub smtp: Option<SmtpResult>,
+    pub resources: Option<crate::resources::ResourceReport>,
+    pub fds: Option<FdLimit>,
 }
 
 /// Checks `--target`: `http://host[:port][/prefix]`, no query. Returns it without a trailing `/`.
@@ -123,6 +167,7 @@ struct Ctx {
     client: HttpClient,
     signer: Signer,
     timeout: Duration,
+    smtp: Option<crate::smtp::Pool>,
 }
 
 #[derive(serde::Deserialize)]
@@ -132,6 +177,16 @@ struct EventsAnswer {
 }
 
 async fn exchange(ctx: &Ctx, p: &Payload) -> Result<(u16, Bytes), ErrorKind> {
+    if p.channel == Channel::Smtp {
+        // `main` refuses smtp in the mix without an SMTP target, so both are there.
+        let (Some(mail), Some(pool)) = (&p.mail, &ctx.smtp) else {
+            return Err(ErrorKind::Request);
+        };
+        return tokio::time::timeout(ctx.timeout, pool.send(mail))
+            .await
+            .unwrap_or(Err(ErrorKind::Timeout))
+            .map(|code| (code, Bytes::new()));
+    }
     let out = ctx.signer.request(
         p,
         crate::util::unix_secs(),
@@ -209,7 +264,40 @@ impl Drop for InFlight {
     }
 }
 
+/// Raises the fd limit and checks the run fits in it.
+fn fd_budget(cfg: &RunConfig) -> Result<Option<FdLimit>, String> {
+    let (before, after, hard) = match crate::resources::raise_nofile() {
+        Ok(x) => x,
+        // Not fatal where there is no such limit; the connects will say what is wrong.
+        Err(e) => {
+            eprintln!("warning: {e}");
+            return Ok(None);
+        }
+    };
+    let sessions = cfg.chat.as_ref().map_or(0, |c| c.sessions) as u64;
+    let smtp = cfg.smtp.as_ref().map_or(0, |s| s.connections) as u64;
+    let http = match cfg.mode {
+        Mode::Closed { concurrency } if !cfg.mix.is_none() => concurrency as u64,
+        _ => 0,
+    };
+    let needed = sessions + smtp + http + crate::chat::FD_SLACK;
+    crate::chat::check_fds(needed, after, hard)?;
+    Ok(Some(FdLimit {
+        before,
+        after,
+        hard,
+        needed,
+    }))
+}
+
 pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
+    let fds = fd_budget(&cfg)?;
+    if let (true, Some(f)) = (cfg.progress, fds) {
+        eprintln!(
+            "file descriptors: soft limit {} raised to {} (hard {}); this run needs about {}",
+            f.before, f.after, f.hard, f.needed
+        );
+    }
     let acked = match &cfg.acked {
         Some(p) => Some(AckWriter::create(p)?),
         None => None,
@@ -222,12 +310,24 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
         client: client(max_idle, cfg.timeout),
         signer: Signer::new(&cfg.target, cfg.secrets.clone()),
         timeout: cfg.timeout,
+        smtp: cfg.smtp.as_ref().map(|s| {
+            crate::smtp::Pool::new(
+                s.addr.clone(),
+                s.helo.clone(),
+                s.mail.rcpt.clone(),
+                s.connections,
+                s.no_pipelining,
+            )
+        }),
     });
-    let gen_cfg = Arc::new(GenConfig::new(
+    let gen_cfg = Arc::new(GenConfig::with_mail(
         cfg.mix.clone(),
         cfg.dup_ratio,
         cfg.meta_batch,
         cfg.wechat_account.clone(),
+        cfg.smtp
+            .as_ref()
+            .map_or_else(crate::channels::default_mail, |s| s.mail.clone()),
     ));
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -241,24 +341,54 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
         });
     }
 
+    // Chat sessions connect before the measured run, so the connect storm is not in it.
+    let (chat_tx, mut chat_rx) = mpsc::unbounded_channel::<crate::chat::ChatEvent>();
+    let sessions = match &cfg.chat {
+        Some(c) => Some(
+            crate::chat::connect_all(
+                Arc::new(c.clone()),
+                chat_tx.clone(),
+                shared.chat.clone(),
+                stop.clone(),
+                cfg.progress,
+            )
+            .await,
+        ),
+        None => None,
+    };
+    drop(chat_tx);
+
     // Start a little ahead so the first due times are not already late.
     let start = Instant::now() + Duration::from_millis(20);
     let measure_start = start + cfg.warmup;
     let end = measure_start + cfg.duration;
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
 
+    let sampling_done = Arc::new(AtomicBool::new(false));
+    // Always sampled: the harness's own CPU is worth knowing even without a gateway pid.
+    let sampler = tokio::spawn(crate::resources::sample(
+        cfg.gateway_pid,
+        measure_start,
+        sampling_done.clone(),
+    ));
+
     let collector = {
         let shared = shared.clone();
         let progress = cfg.progress;
         let warmup = cfg.warmup;
+        let chat = cfg.chat.as_ref().map(|c| (c.sessions, c.rate));
         tokio::spawn(async move {
             let tty = std::io::stderr().is_terminal();
             let mut c = Collector::new(start, warmup, acked);
+            if let Some((n, rate)) = chat {
+                c = c.with_chat(n, rate);
+            }
             let mut error: Option<String> = None;
             let second = Duration::from_secs(1);
             let mut ticker = tokio::time::interval_at((start + second).into(), second);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            let (mut requests_open, mut chat_open) = (true, true);
+            while requests_open || chat_open {
                 tokio::select! {
                     biased;
                     now = ticker.tick() => {
@@ -271,13 +401,21 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
                             }
                         }
                     }
-                    o = rx.recv() => match o {
+                    o = rx.recv(), if requests_open => match o {
                         Some(o) => {
                             if let Err(e) = c.record(o) {
                                 error.get_or_insert(e);
                             }
                         }
-                        None => break,
+                        None => requests_open = false,
+                    },
+                    e = chat_rx.recv(), if chat_open => match e {
+                        Some(e) => {
+                            if let Err(e) = c.record_chat(e) {
+                                error.get_or_insert(e);
+                            }
+                        }
+                        None => chat_open = false,
                     },
                 }
             }
@@ -288,57 +426,101 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
         })
     };
 
-    let stopped_at = match cfg.mode {
-        Mode::Open { rate } => {
-            let handle = tokio::runtime::Handle::current();
-            let (ctx, shared, stop) = (ctx.clone(), shared.clone(), stop.clone());
-            let max_in_flight = cfg.max_in_flight;
-            tokio::task::spawn_blocking(move || {
-                schedule(
-                    handle,
-                    ctx,
+    // The chat scheduler runs alongside the request load; the sessions drain after it.
+    let chat_load = sessions.map(|sessions| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let sessions =
+                tokio::task::spawn_blocking(move || sessions.schedule(start, end, stop)).await;
+            match sessions {
+                Ok(s) => s.finish().await,
+                Err(e) => eprintln!("the chat scheduler failed: {e}"),
+            }
+        })
+    });
+
+    let stopped_at = if cfg.mix.is_none() {
+        drop(tx);
+        // Only chat: the load ends at `end` (or on interrupt).
+        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(
+                end.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
+            )
+            .await;
+        }
+        Instant::now().min(end)
+    } else {
+        match cfg.mode {
+            Mode::Open { rate } => {
+                let handle = tokio::runtime::Handle::current();
+                let (ctx, shared, stop) = (ctx.clone(), shared.clone(), stop.clone());
+                let max_in_flight = cfg.max_in_flight;
+                tokio::task::spawn_blocking(move || {
+                    schedule(
+                        handle,
+                        ctx,
+                        gen_cfg,
+                        rate,
+                        start,
+                        end,
+                        max_in_flight,
+                        tx,
+                        shared,
+                        stop,
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("the open-loop scheduler failed: {e}");
+                    Instant::now()
+                })
+            }
+            Mode::Closed { concurrency } => {
+                closed_loop(
+                    ctx.clone(),
                     gen_cfg,
-                    rate,
+                    concurrency,
                     start,
                     end,
-                    max_in_flight,
                     tx,
-                    shared,
-                    stop,
+                    shared.clone(),
+                    stop.clone(),
                 )
-            })
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("the open-loop scheduler failed: {e}");
-                Instant::now()
-            })
-        }
-        Mode::Closed { concurrency } => {
-            closed_loop(
-                ctx.clone(),
-                gen_cfg,
-                concurrency,
-                start,
-                end,
-                tx,
-                shared.clone(),
-                stop.clone(),
-            )
-            .await
+                .await
+            }
         }
     };
+    if let Some(h) = chat_load {
+        if h.await.is_err() {
+            eprintln!("the chat sessions failed");
+        }
+    }
     let (collector, error) = collector
         .await
         .map_err(|e| format!("the statistics task failed: {e}"))?;
+    sampling_done.store(true, Ordering::Relaxed);
+    // The sampler takes its last reading at its next tick (within a second).
+    let readings = if Instant::now() >= measure_start {
+        tokio::time::timeout(Duration::from_secs(2), sampler)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    } else {
+        sampler.abort(); // interrupted during warm-up: nothing measured
+        Vec::new()
+    };
+    let resources = Some(crate::resources::summarise(cfg.gateway_pid, &readings));
     let interrupted = stop.load(Ordering::Relaxed);
     let (ok, err) = collector.progress_totals();
     if cfg.progress {
         let scheduled = match cfg.mode {
-            Mode::Open { rate } => format!(
+            Mode::Open { rate } if !cfg.mix.is_none() => format!(
                 " of {} scheduled",
                 sends_within(cfg.warmup + cfg.duration, rate)
             ),
-            Mode::Closed { .. } => String::new(),
+            _ => String::new(),
         };
         eprintln!(
             "done: sent {}{scheduled}, ok {ok}, errors {err}",
@@ -356,6 +538,14 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, String> {
         acked_written,
         acked_error: error,
         interrupted,
+        smtp: ctx.smtp.as_ref().map(|p| SmtpResult {
+            connections: p.size,
+            opened: p.opened.load(Ordering::Relaxed),
+            pipelined: p.pipelining_seen.load(Ordering::Relaxed),
+            unpipelined: p.unpipelined_seen.load(Ordering::Relaxed),
+        }),
+        resources,
+        fds,
     })
 }
 
@@ -550,6 +740,9 @@ mod tests {
                 wechat_token: "w".into(),
             },
             acked: Some(acked.clone()),
+            smtp: None,
+            chat: None,
+            gateway_pid: None,
             progress: false,
             catch_interrupt: false,
         };

@@ -25,7 +25,7 @@ pub fn new_hist() -> Histogram<u64> {
         .expect("constant histogram bounds are valid")
 }
 
-/// Why a request got no HTTP answer.
+/// Why a request got no answer (no HTTP status, no SMTP reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ErrorKind {
     /// The TCP connection could not be made.
@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Request,
     /// The answer's body could not be read.
     Body,
+    /// The server spoke something else than the protocol (SMTP: not a reply line, or a
+    /// greeting other than 220).
+    Protocol,
 }
 
 impl ErrorKind {
@@ -48,6 +51,7 @@ impl ErrorKind {
             ErrorKind::ClientOverload => "client_overload",
             ErrorKind::Request => "request",
             ErrorKind::Body => "body",
+            ErrorKind::Protocol => "protocol",
         }
     }
 }
@@ -60,7 +64,7 @@ pub struct Outcome {
     pub intended: Instant,
     /// When the whole answer had arrived (or the error happened).
     pub done: Instant,
-    /// The HTTP status, or why there was none.
+    /// The HTTP status (SMTP: the reply code), or why there was none.
     pub result: Result<u16, ErrorKind>,
     /// A re-send of an earlier payload (`--dup-ratio`).
     pub dup: bool,
@@ -76,6 +80,7 @@ impl Outcome {
         (d.as_micros().min(u128::from(u64::MAX)) as u64).max(1)
     }
 
+    /// 2xx: an HTTP success, or SMTP 250 after the final dot.
     pub fn ok(&self) -> bool {
         matches!(self.result, Ok(s) if (200..300).contains(&s))
     }
@@ -136,6 +141,7 @@ impl ChannelStats {
         self.count - self.ok
     }
 
+    #[cfg(test)]
     pub fn percentile(&self, q: f64) -> u64 {
         if self.hist.is_empty() {
             0
@@ -157,6 +163,16 @@ pub struct SecondPoint {
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
+    /// The gateway's RSS and CPU and the harness's CPU in this second (filled by the report).
+    #[serde(flatten)]
+    pub resources: crate::resources::ResourceSample,
+}
+
+impl SecondPoint {
+    /// A second in which nothing completed.
+    pub fn empty(second: u64) -> Self {
+        Bucket::new().point(second)
+    }
 }
 
 #[derive(Debug)]
@@ -195,6 +211,7 @@ impl Bucket {
             } else {
                 self.hist.max()
             },
+            resources: Default::default(),
         }
     }
 }
@@ -248,6 +265,7 @@ pub struct Stats {
     pub channels: Vec<ChannelStats>,
     pub total: ChannelStats,
     pub series: Vec<SecondPoint>,
+    pub chat: Option<crate::chat::ChatStats>,
 }
 
 /// Counters shared with the load generators.
@@ -255,6 +273,7 @@ pub struct Stats {
 pub struct Shared {
     pub sent: std::sync::atomic::AtomicU64,
     pub in_flight: std::sync::atomic::AtomicUsize,
+    pub chat: std::sync::Arc<crate::chat::ChatShared>,
 }
 
 /// The single owner of the statistics while a run is going.
@@ -262,6 +281,9 @@ pub struct Collector {
     channels: Vec<ChannelStats>,
     total: ChannelStats,
     series: Series,
+    chat: Option<crate::chat::ChatStats>,
+    chat_window: Histogram<u64>,
+    chat_window_acks: u64,
     start: Instant,
     measure_start: Instant,
     acked: Option<AckWriter>,
@@ -282,6 +304,9 @@ impl Collector {
                 .collect(),
             total: ChannelStats::default(),
             series: Series::default(),
+            chat: None,
+            chat_window: new_hist(),
+            chat_window_acks: 0,
             start,
             measure_start: start + warmup,
             acked,
@@ -291,6 +316,28 @@ impl Collector {
             window_count: 0,
             last_tick: start,
         }
+    }
+
+    /// Collects chat events too (sessions of `sessions` at `rate` messages/s each).
+    pub fn with_chat(mut self, sessions: usize, rate: f64) -> Self {
+        self.chat = Some(crate::chat::ChatStats::new(sessions, rate));
+        self
+    }
+
+    /// One chat event; its acknowledged record id goes to `--acked`.
+    pub fn record_chat(&mut self, e: crate::chat::ChatEvent) -> Result<(), String> {
+        let Some(chat) = &mut self.chat else {
+            return Ok(());
+        };
+        let (key, latency) = chat.record(e, self.measure_start);
+        if let Some(l) = latency {
+            self.chat_window.saturating_record(l);
+            self.chat_window_acks += 1;
+        }
+        if let (Some(w), Some(k)) = (&mut self.acked, key) {
+            w.write_name(crate::acked::CHAT, &k)?;
+        }
+        Ok(())
     }
 
     pub fn record(&mut self, o: Outcome) -> Result<(), String> {
@@ -342,13 +389,32 @@ impl Collector {
         } else {
             ""
         };
-        let line = format!(
+        let mut line = format!(
             "[{elapsed:6.1}s] sent {} ok {} errors {} rate {rate:.0}/s p99(1s) {p99} in-flight {}{phase}",
             shared.sent.load(Relaxed),
             self.all_ok,
             self.all_err,
             shared.in_flight.load(Relaxed),
         );
+        if let Some(chat) = &mut self.chat {
+            let p99 = if self.chat_window.is_empty() {
+                "-".to_string()
+            } else {
+                crate::util::fmt_us(self.chat_window.value_at_quantile(0.99))
+            };
+            line.push_str(&format!(
+                " | chat sessions {} sent {} acks {:.0}/s p99(1s) {p99}",
+                shared.chat.open.load(Relaxed),
+                shared.chat.sent.load(Relaxed),
+                self.chat_window_acks as f64 / span,
+            ));
+            self.chat_window.reset();
+            self.chat_window_acks = 0;
+            let current = now.saturating_duration_since(self.measure_start).as_secs();
+            if now >= self.measure_start && current >= 1 {
+                chat.series.close_before(current - 1);
+            }
+        }
         self.window.reset();
         self.window_count = 0;
         self.last_tick = now;
@@ -365,7 +431,10 @@ impl Collector {
         (self.all_ok, self.all_err)
     }
 
-    pub fn finish(self) -> Result<(Stats, u64), String> {
+    pub fn finish(mut self) -> Result<(Stats, u64), String> {
+        if let Some(c) = &mut self.chat {
+            c.points = std::mem::take(&mut c.series).finish();
+        }
         let written = match self.acked {
             Some(w) => w.finish()?,
             None => 0,
@@ -375,6 +444,7 @@ impl Collector {
                 channels: self.channels,
                 total: self.total,
                 series: self.series.finish(),
+                chat: self.chat,
             },
             written,
         ))

@@ -34,6 +34,28 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a byte size: `10240`, `10k` / `10KB` / `10KiB` (×1024), `1m` / `1MB` / `1MiB`.
+pub fn parse_size(raw: &str) -> Result<usize, String> {
+    let s = raw.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        other => {
+            return Err(format!(
+                "`{raw}`: unknown unit `{other}`; use bytes, k or m (e.g. 10k)"
+            ))
+        }
+    };
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("`{raw}` is not a size; use e.g. 10240 or 10k"))?;
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{raw}`: too large"))
+}
+
 /// A clap value parser for durations that must be above zero.
 pub fn positive_duration(raw: &str) -> Result<Duration, String> {
     let d = parse_duration(raw)?;
@@ -107,6 +129,17 @@ mod tests {
         }
         assert!(positive_duration("0s").is_err());
         assert!(positive_duration("1ms").is_ok());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10240").unwrap(), 10_240);
+        assert_eq!(parse_size("10k").unwrap(), 10_240);
+        assert_eq!(parse_size("10KiB").unwrap(), 10_240);
+        assert_eq!(parse_size("2m").unwrap(), 2 * 1024 * 1024);
+        for bad in ["", "k", "1.5k", "10x", "-1", "99999999999999999999m"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `verify`: were all acknowledged complaints written to Kafka, and only once?
 //!
 //! Reads the topic from the beginning with a fresh random consumer group (partitions assigned
-//! explicitly, nothing committed), parses each record's JSON and matches it by `id` (events acks
-//! carry the record id) or `provider_message_id` (Twilio MessageSid, Meta wamid, WeChat MsgId).
+//! explicitly, nothing committed), parses each record's JSON and matches it by `id` (events and
+//! chat acks carry the record id) or `provider_message_id` (Twilio MessageSid, Meta wamid, WeChat
+//! MsgId, the mail's Message-ID for SMTP: compared without angle brackets, since the gateway's
+//! mail parser drops them).
 //! Stops once every acked key is found and the partitions are read up to the high watermarks
 //! taken at start, or, failing that, once `--timeout` has passed and those watermarks are reached.
 
@@ -52,6 +54,14 @@ pub struct VerifyReport {
     pub lost_sample: Vec<AckLine>,
 }
 
+/// A key without the angle brackets a Message-ID may be written with (`<a@b>` → `a@b`); other
+/// keys never start with `<`.
+fn message_id(key: &str) -> &str {
+    key.strip_prefix('<')
+        .and_then(|k| k.strip_suffix('>'))
+        .unwrap_or(key)
+}
+
 /// Matching state: acked keys by kind, with how many records each one got.
 #[derive(Debug, Default)]
 pub struct Matcher {
@@ -66,7 +76,8 @@ pub struct Matcher {
 impl Matcher {
     pub fn new(acked: Vec<AckLine>) -> Self {
         let mut m = Matcher::default();
-        for a in acked {
+        for mut a in acked {
+            a.key = message_id(&a.key).to_string();
             let map = if a.is_record_id() {
                 &mut m.by_id
             } else {
@@ -98,7 +109,10 @@ impl Matcher {
         };
         for (map, key) in [
             (&mut self.by_id, r.id.as_deref()),
-            (&mut self.by_pmid, r.provider_message_id.as_deref()),
+            (
+                &mut self.by_pmid,
+                r.provider_message_id.as_deref().map(message_id),
+            ),
         ] {
             if let Some((_, n)) = key.and_then(|k| map.get_mut(k)) {
                 if *n == 0 {
@@ -305,8 +319,19 @@ mod tests {
             ack("twilio", "SM1"),
             ack("meta", "wamid.X"),
             ack("wechat", "6054768590064713728"),
+            ack("smtp", "lt.01KMAIL@loadtest.switchboard.example"),
+            ack("smtp", "<lt.02KMAIL@loadtest.switchboard.example>"),
+            ack("chat", "01KCHAT0000000000000000000"),
         ]);
-        assert_eq!(m.acked(), 4);
+        assert_eq!(m.acked(), 7);
+        m.record(
+            br#"{"id":"01KE1","provider_message_id":"lt.01KMAIL@loadtest.switchboard.example"}"#,
+        );
+        m.record(
+            br#"{"id":"01KE2","provider_message_id":"<lt.02KMAIL@loadtest.switchboard.example>"}"#,
+        );
+        // A chat record: matched by its id, not by the client_msg_id in provider_message_id.
+        m.record(br#"{"id":"01KCHAT0000000000000000000","provider_message_id":"lt-01KCLIENT"}"#);
         m.record(br#"{"id":"01KREC0000000000000000000A","provider_message_id":"lt-e1"}"#);
         m.record(br#"{"id":"01KOTHER","provider_message_id":"SM1"}"#);
         m.record(br#"{"id":"01KOTHER2","provider_message_id":"SM1"}"#); // written twice
@@ -317,9 +342,11 @@ mod tests {
         assert!(!m.all_found());
         m.record(br#"{"id":"01KW","provider_message_id":"6054768590064713728"}"#);
         let r = m.report(true, Duration::from_millis(1500));
-        assert_eq!((r.acked, r.found, r.lost), (4, 3, 1));
+        assert_eq!((r.acked, r.found, r.lost), (7, 6, 1));
         assert_eq!((r.duplicates, r.duplicate_keys), (1, 1));
-        assert_eq!(r.records_read, 7);
+        assert_eq!(r.records_read, 10);
+        assert_eq!(r.by_channel["smtp"].found, 2);
+        assert_eq!(r.by_channel["chat"].found, 1);
         assert_eq!(r.unparsed, 1);
         assert_eq!(r.lost_sample, vec![ack("meta", "wamid.X")]);
         assert_eq!(r.by_channel["meta"].lost, 1);
