@@ -50,6 +50,7 @@ chat_total_rate=5000
 build=1
 nice_level=""
 log_level=info
+gateway_bin=""
 
 usage() {
   sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
@@ -76,6 +77,8 @@ Options (defaults in brackets):
   --no-build              use the release binaries as they are
   --nice N                run every process under nice -n N (functional checks on a busy box)
   --log-level L           the gateway's log level [$log_level]
+  --gateway-bin PATH      the gateway binary to measure, e.g. an older build for a
+                          before/after in the same run [target/release/switchboard]
 EOF
 }
 
@@ -103,6 +106,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --nice) nice_level=$2; shift ;;
     --log-level) log_level=$2; shift ;;
+    --gateway-bin) gateway_bin=$2; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -119,7 +123,7 @@ if [ -n "$nice_level" ]; then pre=(nice -n "$nice_level"); fi
 if [ "$build" = 1 ]; then
   "${pre[@]}" cargo build --release --workspace
 fi
-gw="$root/target/release/switchboard"
+gw=${gateway_bin:-$root/target/release/switchboard}
 lt="$root/target/release/switchboard-loadtest"
 for b in "$gw" "$lt"; do
   [ -x "$b" ] || { echo "bench.sh: $b is missing (build with cargo build --release --workspace)" >&2; exit 2; }
