@@ -327,7 +327,7 @@ mod tests {
         crate::config::RedisConfig {
             url,
             key_prefix: format!("sbtest:{}:", ulid::Ulid::new()),
-            timeout_ms: 500,
+            timeout_ms: 5_000,
             retry_after_ms: 60_000,
         }
     }

@@ -356,7 +356,7 @@ mod tests {
         RedisConfig {
             url: url.into(),
             key_prefix: format!("sbtest:{}:", Ulid::new()),
-            timeout_ms: 500,
+            timeout_ms: 5_000,
             retry_after_ms: 60_000,
         }
     }

@@ -20,6 +20,10 @@ fn shared_env(redis: &str, prefix: &str) -> Vec<(&'static str, String)> {
         ("SWITCHBOARD_LIMITS__BACKEND", "redis".into()),
         ("SWITCHBOARD_REDIS__URL", redis.into()),
         ("SWITCHBOARD_REDIS__KEY_PREFIX", prefix.into()),
+        // The shipped 50 ms is for a production network; a loaded CI host running a debug build
+        // can stall a call longer than that, and a fallback would make the instances dedupe
+        // apart (the very thing these tests show does not happen while Redis answers).
+        ("SWITCHBOARD_REDIS__TIMEOUT_MS", "5000".into()),
     ]
 }
 
