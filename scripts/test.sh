@@ -6,7 +6,8 @@
 #   scripts/test.sh                 everything
 #   scripts/test.sh -- <args>       extra arguments for `cargo test` (e.g. a test name filter)
 #
-# Env: KAFKA_TEST_PORT (default 19092; the controller takes the next port).
+# Env: KAFKA_TEST_PORT (default 19092; the controller takes the next port), REDIS_TEST_PORT
+# (default 16379).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -16,9 +17,10 @@ log() { printf '== %s\n' "$*"; }
 # 1. System packages: a C toolchain, pkg-config and OpenSSL headers for rdkafka's bundled
 #    librdkafka; swaks (an SMTP test client the email tests drive); a Java 17 runtime and
 #    Maven for the broker; Debian's Chromium and ChromeDriver for the chat widget's browser test;
-#    the openssl CLI, whose s_client offers the TLS 1.0/1.1 that rustls cannot (e2e_tls).
+#    the openssl CLI, whose s_client offers the TLS 1.0/1.1 that rustls cannot (e2e_tls);
+#    redis-server for the shared dedupe/limits store (src/shared.rs, e2e_redis).
 missing=()
-for pkg in build-essential pkg-config libssl-dev swaks chromium chromium-driver openssl; do
+for pkg in build-essential pkg-config libssl-dev swaks chromium chromium-driver openssl redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
@@ -44,12 +46,35 @@ port=${KAFKA_TEST_PORT:-19092}
 broker_dir="$root/.kafka/test-broker"
 log "fetching Apache Kafka from Maven Central (cached after the first run)"
 bash scripts/kafka.sh fetch
-cleanup() { bash scripts/kafka.sh stop "$broker_dir" >/dev/null 2>&1 || true; }
+redis_port=${REDIS_TEST_PORT:-16379}
+redis_pidfile="$root/.kafka/redis-$redis_port.pid"
+stop_redis() {
+  if [ -s "$redis_pidfile" ]; then
+    kill "$(cat "$redis_pidfile")" 2>/dev/null || true
+    rm -f "$redis_pidfile"
+  fi
+}
+cleanup() {
+  bash scripts/kafka.sh stop "$broker_dir" >/dev/null 2>&1 || true
+  stop_redis
+}
 trap cleanup EXIT
 cleanup
 log "starting Kafka on 127.0.0.1:$port"
 bash scripts/kafka.sh start "$broker_dir" "$port"
 export SWITCHBOARD_TEST_KAFKA="127.0.0.1:$port"
+
+# 3b. A private redis-server on loopback, no persistence, stopped with the broker.
+mkdir -p "$root/.kafka"
+log "starting redis-server on 127.0.0.1:$redis_port"
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+  --daemonize yes --pidfile "$redis_pidfile" --logfile "$root/.kafka/redis-$redis_port.log"
+for _ in $(seq 1 100); do
+  redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break
+  sleep 0.1
+done
+redis-cli -p "$redis_port" ping | grep -q PONG || { echo "redis-server did not start" >&2; exit 1; }
+export SWITCHBOARD_TEST_REDIS="redis://127.0.0.1:$redis_port"
 
 # 4. Format, lint, tests (unit tests, end-to-end tests against the broker, doc tests).
 log "cargo fmt --check"

@@ -146,7 +146,7 @@ impl PublicInner {
             ),
         };
         let result = async {
-            self.pipeline.admit(&ctx)?;
+            self.pipeline.admit(&ctx).await?;
             let (parts, body) = req.into_parts();
             channel.precheck(&parts, &ctx)?;
             let (parts, body) = http::read_body(
@@ -230,11 +230,16 @@ impl Handler for Admin {
                         .into_iter()
                         .map(|(k, v)| (k, serde_json::Value::String(v)))
                         .collect();
-                    let body = serde_json::json!({
+                    let mut body = serde_json::json!({
                         "ready": ready,
                         "accepting": h.usable,
                         "sinks": parts,
                     });
+                    // Informational: while Redis is down, dedupe and limits run per instance
+                    // and intake goes on, so readiness does not depend on it.
+                    if let Some(state) = me.pipeline.shared_state() {
+                        body["redis"] = serde_json::Value::String(state.into());
+                    }
                     let status = if ready {
                         StatusCode::OK
                     } else {

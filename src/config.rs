@@ -22,6 +22,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub dedupe: DedupeConfig,
     pub limits: LimitsConfig,
+    pub redis: RedisConfig,
     pub triage: TriageConfig,
     pub sink: SinkConfig,
     pub kafka: KafkaConfig,
@@ -146,6 +147,9 @@ impl Default for IdentityConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupeConfig {
+    /// `memory`: each instance dedupes on its own. `redis`: instances share the windows through
+    /// `[redis]` (the memory windows stay in front as a cache, and are the fallback).
+    pub backend: Backend,
     pub provider_id_window_secs: u64,
     pub fingerprint_window_secs: u64,
     pub max_entries: usize,
@@ -154,9 +158,43 @@ pub struct DedupeConfig {
 impl Default for DedupeConfig {
     fn default() -> Self {
         Self {
+            backend: Backend::Memory,
             provider_id_window_secs: 8 * 24 * 3600,
             fingerprint_window_secs: 120,
             max_entries: 2_000_000,
+        }
+    }
+}
+
+/// Where dedupe windows and rate limits are kept.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+/// The Redis that `dedupe.backend = "redis"` and `limits.backend = "redis"` share.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user][:password@]host[:port][/db]`; the password is redacted by check-config.
+    pub url: String,
+    /// Prepended to every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Longest wait for one Redis call; past it the call falls back to the local store.
+    pub timeout_ms: u64,
+    /// After a failed call, Redis is skipped (local store used) for this long.
+    pub retry_after_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            key_prefix: "switchboard:".into(),
+            timeout_ms: 50,
+            retry_after_ms: 1_000,
         }
     }
 }
@@ -174,6 +212,9 @@ pub struct RateConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub enabled: bool,
+    /// `memory`: limits per instance. `redis`: one GCRA state per key shared through `[redis]`
+    /// (the local limiter is the fallback while Redis is unreachable).
+    pub backend: Backend,
     pub per_source: RateConfig,
     pub per_channel: RateConfig,
     pub per_customer: RateConfig,
@@ -185,6 +226,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            backend: Backend::Memory,
             per_source: RateConfig {
                 per_second: 500.0,
                 burst: 2_000,
@@ -1084,7 +1126,49 @@ impl Config {
             crate::channels::Allowlist::parse(list).map_err(|m| key_err(key, m))?;
         }
         self.validate_tls()?;
+        self.validate_redis()?;
         Ok(())
+    }
+
+    /// A Redis backend needs an address the client can parse; timeouts must be positive.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        if !self.redis_enabled() {
+            return Ok(());
+        }
+        let r = &self.redis;
+        if r.url.is_empty() {
+            let key = if self.dedupe.backend == Backend::Redis {
+                "dedupe.backend"
+            } else {
+                "limits.backend"
+            };
+            return Err(key_err(key, "\"redis\" needs redis.url"));
+        }
+        // The message never echoes the URL: it may carry a password.
+        if !(r.url.starts_with("redis://") || r.url.starts_with("redis+unix://")) {
+            return Err(key_err(
+                "redis.url",
+                "use redis:// (this build has no TLS to Redis: keep it on a private network)",
+            ));
+        }
+        if redis::Client::open(r.url.as_str()).is_err() {
+            return Err(key_err(
+                "redis.url",
+                "not a Redis URL: redis://[user][:password@]host[:port][/db]",
+            ));
+        }
+        if r.timeout_ms == 0 {
+            return Err(key_err("redis.timeout_ms", "must be at least 1"));
+        }
+        if r.retry_after_ms == 0 {
+            return Err(key_err("redis.retry_after_ms", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Either store is kept in Redis.
+    pub fn redis_enabled(&self) -> bool {
+        self.dedupe.backend == Backend::Redis || self.limits.backend == Backend::Redis
     }
 
     /// Certificate keys come in pairs; implicit-TLS SMTP needs the email certificate. The files
@@ -1247,6 +1331,48 @@ mod tests {
         let shipped = std::fs::read_to_string(&loaded.triage.rules_file).unwrap();
         assert_eq!(shipped, crate::triage::DEFAULT_RULES);
         crate::triage::Triager::check(&TriageConfig::default()).unwrap();
+    }
+
+    #[test]
+    fn redis_backends_need_a_redis_url() {
+        assert_eq!(Config::default().dedupe.backend, Backend::Memory);
+        assert_eq!(Config::default().limits.backend, Backend::Memory);
+        assert!(!Config::default().redis_enabled());
+        let e = Config::from_toml_str("[dedupe]\nbackend = \"redis\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dedupe.backend") && e.contains("redis.url"),
+            "{e}"
+        );
+        let e = Config::from_toml_str("[limits]\nbackend = \"redis\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.backend"), "{e}");
+        let e = Config::from_toml_str(
+            "[limits]\nbackend = \"redis\"\n[redis]\nurl = \"rediss://:pw@h\"\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("redis.url") && !e.contains("pw"), "{e}");
+        let e = Config::from_toml_str("[dedupe]\nbackend = \"valkey\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dedupe.backend"), "{e}");
+        let cfg = Config::from_toml_str(
+            "",
+            env(&[
+                ("SWITCHBOARD_DEDUPE__BACKEND", "redis"),
+                ("SWITCHBOARD_LIMITS__BACKEND", "redis"),
+                ("SWITCHBOARD_REDIS__URL", "redis://127.0.0.1:6379/0"),
+                ("SWITCHBOARD_REDIS__TIMEOUT_MS", "20"),
+            ]),
+        )
+        .unwrap();
+        assert!(cfg.redis_enabled());
+        assert_eq!(cfg.redis.timeout_ms, 20);
+        assert_eq!(cfg.redis.key_prefix, "switchboard:");
     }
 
     #[test]

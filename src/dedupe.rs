@@ -115,6 +115,11 @@ impl Window {
         self.inner.name
     }
 
+    /// How long an answered key is remembered.
+    pub fn length(&self) -> Duration {
+        self.inner.window
+    }
+
     /// Looks `key` up; if another request holds it in flight, waits for that one's outcome.
     pub async fn claim(&self, key: u128) -> Lookup {
         loop {

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod pipeline;
 pub mod record;
 pub mod replies;
+pub mod shared;
 pub mod sink;
 pub mod smtp;
 pub mod telemetry;

@@ -5,7 +5,7 @@
 //! (a duplicate), or the request fails and nothing it claimed stays claimed, so the sender's
 //! retry goes through.
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::dedupe::{hash_key, Claim, Lookup, Window};
 use crate::error::{Reason, Rejection};
 use crate::identity::{Identity, Normalizer};
@@ -14,6 +14,7 @@ use crate::record::{
     normalize_text, rfc3339_ms, ComplaintRecord, Content, Conversation, Customer, Intake,
     SocialIdentity, SCHEMA,
 };
+use crate::shared::{DedupeKey, Remote, Shared};
 use crate::sink::{Encoded, Health, Sink};
 use crate::telemetry::{self, mask_customer_key};
 use crate::triage::{self, Triager};
@@ -48,6 +49,8 @@ pub struct Accepted {
 
 enum Slot {
     New {
+        /// The record's id (chosen at claim time: the shared store holds it for other instances).
+        id: Ulid,
         provider_claim: Option<Claim>,
         fingerprint_claim: Claim,
         alias_claims: Vec<Claim>,
@@ -58,11 +61,88 @@ enum Slot {
     SameAs(usize),
 }
 
+/// Why a dedupe pass has to wait.
+enum Busy {
+    /// A request on this instance holds a key: its outcome channel.
+    Local(tokio::sync::watch::Receiver<Option<Ulid>>),
+    /// Another instance is writing a key right now (the shared store says pending).
+    Remote,
+}
+
+/// The keys a request claimed in the shared store. Committed once the records are durable;
+/// released (where still ours) when the request fails or is dropped, so the sender's retry to
+/// any instance goes through, as with the memory windows' claims.
+struct RemoteClaims {
+    shared: Option<Arc<Shared>>,
+    /// (key, pending record id, window length)
+    held: Vec<(DedupeKey, Ulid, Duration)>,
+}
+
+impl RemoteClaims {
+    fn new(shared: Option<Arc<Shared>>) -> Self {
+        Self {
+            shared,
+            held: Vec::new(),
+        }
+    }
+
+    /// Every held key now answers with its record (one round trip).
+    async fn commit(mut self) {
+        let held = std::mem::take(&mut self.held);
+        if let Some(s) = &self.shared {
+            s.commit(&held).await;
+        }
+    }
+
+    /// The key `key` of `window`, claimed above for a new record, answers with `first` instead.
+    async fn answer_now(&mut self, window: &'static str, key: u128, first: Ulid) {
+        let Some(pos) = self
+            .held
+            .iter()
+            .position(|(k, _, _)| k.window == window && k.key == key)
+        else {
+            return;
+        };
+        let (k, _, len) = self.held.swap_remove(pos);
+        if let Some(s) = &self.shared {
+            s.commit(&[(k, first, len)]).await;
+        }
+    }
+
+    async fn release_now(&mut self) {
+        let held: Vec<(DedupeKey, Ulid)> = self.held.drain(..).map(|(k, id, _)| (k, id)).collect();
+        if let (Some(s), false) = (&self.shared, held.is_empty()) {
+            s.release(&held).await;
+        }
+    }
+}
+
+impl Drop for RemoteClaims {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (Some(s), Ok(rt)) = (self.shared.clone(), tokio::runtime::Handle::try_current()) else {
+            // No runtime (shutting down): the pending claims expire by themselves.
+            return;
+        };
+        let held: Vec<(DedupeKey, Ulid)> = self.held.drain(..).map(|(k, id, _)| (k, id)).collect();
+        rt.spawn(async move {
+            s.release(&held).await;
+        });
+    }
+}
+
 pub struct Pipeline {
     normalizer: Normalizer,
     provider_ids: Window,
     fingerprints: Window,
     limits: Arc<Limits>,
+    /// The shared dedupe store (`dedupe.backend = "redis"`); the windows above are its cache.
+    shared: Option<Arc<Shared>>,
+    /// How long a claim in the shared store stays pending without a commit (a crashed writer's
+    /// claim frees itself).
+    pending_ttl: Duration,
     sink: Arc<dyn Sink>,
     triage: Arc<Triager>,
     write_timeout: Duration,
@@ -72,6 +152,19 @@ pub struct Pipeline {
 impl Pipeline {
     /// Fails when the triage rule file cannot be read or does not check out.
     pub fn new(cfg: &Config, sink: Arc<dyn Sink>) -> Result<Arc<Self>, String> {
+        let shared = if cfg.redis_enabled() {
+            Some(Shared::new(&cfg.redis)?)
+        } else {
+            None
+        };
+        let pick = |b: Backend| {
+            if b == Backend::Redis {
+                shared.clone()
+            } else {
+                None
+            }
+        };
+        let write_timeout = Duration::from_millis(cfg.sink.write_timeout_ms);
         let triage = Arc::new(Triager::new(&cfg.triage)?);
         let normalizer = Normalizer::new(&cfg.identity.default_region);
         normalizer.warm_up();
@@ -87,10 +180,13 @@ impl Pipeline {
                 Duration::from_secs(cfg.dedupe.fingerprint_window_secs.max(1)),
                 cfg.dedupe.max_entries,
             ),
-            limits: Limits::new(&cfg.limits),
+            limits: Limits::with_shared(&cfg.limits, pick(cfg.limits.backend)),
+            shared: pick(cfg.dedupe.backend),
+            // The dedupe wait and the sink write, with room to spare.
+            pending_ttl: write_timeout * 2 + Duration::from_secs(1),
             sink,
             triage,
-            write_timeout: Duration::from_millis(cfg.sink.write_timeout_ms),
+            write_timeout,
             retry_after: Duration::from_secs(cfg.sink.retry_after_secs.max(1)),
         }))
     }
@@ -132,10 +228,19 @@ impl Pipeline {
     }
 
     /// Per-source and per-channel admission, before a request is read or verified.
-    pub fn admit(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
+    pub async fn admit(&self, ctx: &RequestCtx) -> Result<(), Rejection> {
         self.limits
             .admit(ctx.peer, ctx.channel)
+            .await
             .map_err(|l| limited(ctx.channel, l))
+    }
+
+    /// The shared store's state for `/readyz` (`None`: both stores are in memory).
+    pub fn shared_state(&self) -> Option<&'static str> {
+        self.shared
+            .as_ref()
+            .or(self.limits.shared())
+            .map(|s| s.state())
     }
 
     pub async fn submit(
@@ -181,7 +286,8 @@ impl Pipeline {
         }
 
         // 2. Dedupe. Bounded: a claim held by a stuck request elsewhere cannot hold us forever.
-        let slots = tokio::time::timeout(self.write_timeout, self.dedupe(ctx, &items))
+        let mut remote = RemoteClaims::new(self.shared.clone());
+        let slots = tokio::time::timeout(self.write_timeout, self.dedupe(ctx, &items, &mut remote))
             .await
             .map_err(|_| self.unavailable("timed out waiting for a concurrent delivery"))?;
 
@@ -192,7 +298,7 @@ impl Pipeline {
         for ((_, identity, _, _), slot) in items.iter().zip(&slots) {
             let mut over = false;
             if matches!(slot, Slot::New { .. }) {
-                if let Err(l) = self.limits.customer(&identity.key) {
+                if let Err(l) = self.limits.customer(&identity.key).await {
                     if n == 1 {
                         return Err(limited(ctx.channel, l));
                     }
@@ -212,11 +318,11 @@ impl Pipeline {
         for (((mut intake, identity, text, truncated), slot), over) in
             items.into_iter().zip(&slots).zip(over_limit)
         {
-            let Slot::New { dedupe_key, .. } = slot else {
+            let Slot::New { dedupe_key, id, .. } = slot else {
                 ids.push(None);
                 continue;
             };
-            let id = Ulid::new();
+            let id = *id;
             if over {
                 intake
                     .metadata
@@ -278,6 +384,7 @@ impl Pipeline {
         }
 
         // 6. Commit the claims and answer.
+        remote.commit().await;
         let mut out: Vec<Accepted> = Vec::with_capacity(n);
         for (slot, id) in slots.into_iter().zip(ids) {
             let accepted = match slot {
@@ -318,35 +425,74 @@ impl Pipeline {
     }
 
     /// Claims every message's keys without waiting. If another request holds one of them (it is
-    /// writing the same message right now), every claim taken here is released and we wait for
-    /// that request to finish, then start over: two batches holding each other's messages can
-    /// never deadlock.
+    /// writing the same message right now, here or on another instance), every claim taken here
+    /// is released and we wait for that request to finish, then start over: two batches holding
+    /// each other's messages can never deadlock.
     async fn dedupe(
         &self,
         ctx: &RequestCtx,
         items: &[(Intake, Identity, String, bool)],
+        remote: &mut RemoteClaims,
     ) -> Vec<Slot> {
         loop {
-            match self.try_dedupe(items) {
+            match self.try_dedupe(items, remote).await {
                 Ok((slots, hits)) => {
                     for kind in hits {
                         hit(ctx.channel, kind);
                     }
                     return slots;
                 }
-                Err(mut busy) => {
+                Err(Busy::Local(mut busy)) => {
+                    remote.release_now().await;
                     // Resolves when the holder commits or releases (or already has).
                     let _ = busy.changed().await;
+                }
+                Err(Busy::Remote) => {
+                    remote.release_now().await;
+                    // Another instance is writing it: ask again shortly (jittered, so two
+                    // batches holding each other's messages on two instances fall out of step).
+                    // Bounded by the caller's write timeout, like a local wait.
+                    let jitter = (u128::from(Ulid::new()) % 20) as u64;
+                    tokio::time::sleep(Duration::from_millis(10 + jitter)).await;
                 }
             }
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn try_dedupe(
+    /// The local claim `c` of `key` in `window` is ours; asks the shared store too (when there is
+    /// one and it answers). `Ok(None)`: ours everywhere; `Ok(Some(id))`: another instance
+    /// already answered it with record `id` (remembered locally from now on).
+    async fn claim_shared(
+        &self,
+        window: &Window,
+        key: u128,
+        id: Ulid,
+        remote: &mut RemoteClaims,
+    ) -> Result<Option<Ulid>, Busy> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        let k = DedupeKey {
+            window: window.name(),
+            key,
+        };
+        match shared.claim(&k, id, self.pending_ttl).await {
+            // Unreachable: this instance's window decides alone (counted in `shared`).
+            None => Ok(None),
+            Some(Remote::Won) => {
+                remote.held.push((k, id, window.length()));
+                Ok(None)
+            }
+            Some(Remote::Pending) => Err(Busy::Remote),
+            Some(Remote::Duplicate(first)) => Ok(Some(first)),
+        }
+    }
+
+    async fn try_dedupe(
         &self,
         items: &[(Intake, Identity, String, bool)],
-    ) -> Result<(Vec<Slot>, Vec<&'static str>), tokio::sync::watch::Receiver<Option<Ulid>>> {
+        remote: &mut RemoteClaims,
+    ) -> Result<(Vec<Slot>, Vec<&'static str>), Busy> {
         let mut slots = Vec::with_capacity(items.len());
         let mut hits = Vec::new();
         let mut in_batch: HashMap<u128, usize, foldhash::fast::RandomState> = HashMap::default();
@@ -364,27 +510,61 @@ impl Pipeline {
                 slots.push(Slot::SameAs(j));
                 continue;
             }
+            // The record's id, if it is new: also the value of its claims in the shared store.
+            let id = Ulid::new();
             let provider_claim = match provider_key {
-                Some(k) => match self.provider_ids.try_claim(k)? {
+                Some(k) => match self.provider_ids.try_claim(k).map_err(Busy::Local)? {
                     Lookup::Duplicate(id) => {
                         hits.push("provider_id");
                         slots.push(Slot::Duplicate(id));
                         continue;
                     }
-                    Lookup::New(c) => Some(c),
+                    Lookup::New(c) => {
+                        match self.claim_shared(&self.provider_ids, k, id, remote).await? {
+                            Some(first) => {
+                                hits.push("provider_id");
+                                c.commit(first);
+                                slots.push(Slot::Duplicate(first));
+                                continue;
+                            }
+                            None => Some(c),
+                        }
+                    }
                 },
                 None => None,
             };
-            match self.fingerprints.try_claim(fingerprint_key)? {
-                Lookup::Duplicate(id) => {
+            let fingerprint_claim = match self
+                .fingerprints
+                .try_claim(fingerprint_key)
+                .map_err(Busy::Local)?
+            {
+                Lookup::Duplicate(first) => Err(first),
+                Lookup::New(c) => {
+                    match self
+                        .claim_shared(&self.fingerprints, fingerprint_key, id, remote)
+                        .await?
+                    {
+                        Some(first) => {
+                            c.commit(first);
+                            Err(first)
+                        }
+                        None => Ok(c),
+                    }
+                }
+            };
+            match fingerprint_claim {
+                Err(first) => {
                     hits.push("fingerprint");
                     // A retry under a new message id: later retries of this id answer alike.
                     if let Some(c) = provider_claim {
-                        c.commit(id);
+                        c.commit(first);
+                        if let Some(k) = provider_key {
+                            remote.answer_now(self.provider_ids.name(), k, first).await;
+                        }
                     }
-                    slots.push(Slot::Duplicate(id));
+                    slots.push(Slot::Duplicate(first));
                 }
-                Lookup::New(c) => {
+                Ok(c) => {
                     if let Some(k) = provider_key {
                         in_batch.insert(k, i);
                     }
@@ -398,15 +578,22 @@ impl Pipeline {
                     aliases.sort();
                     aliases.dedup();
                     for alias in aliases {
+                        let ak = provider_key_of(intake, alias);
                         // An alias already answered elsewhere stays with that record.
-                        if let Lookup::New(c) = self
-                            .provider_ids
-                            .try_claim(provider_key_of(intake, alias))?
+                        if let Lookup::New(c) =
+                            self.provider_ids.try_claim(ak).map_err(Busy::Local)?
                         {
-                            alias_claims.push(c);
+                            match self
+                                .claim_shared(&self.provider_ids, ak, id, remote)
+                                .await?
+                            {
+                                Some(first) => c.commit(first),
+                                None => alias_claims.push(c),
+                            }
                         }
                     }
                     slots.push(Slot::New {
+                        id,
                         provider_claim,
                         fingerprint_claim: c,
                         alias_claims,

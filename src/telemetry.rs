@@ -64,6 +64,11 @@ pub const SPOOL_REPLAY_ERRORS: &str = "switchboard_spool_replay_errors_total";
 pub const SPOOL_SEGMENTS_RELEASED: &str = "switchboard_spool_segments_released_total";
 pub const SPOOL_WRITE_ERRORS: &str = "switchboard_spool_write_errors_total";
 pub const SPOOL_UP: &str = "switchboard_spool_up";
+// The shared store (dedupe.backend / limits.backend = "redis").
+pub const REDIS_REQUESTS: &str = "switchboard_redis_requests_total";
+pub const REDIS_FALLBACKS: &str = "switchboard_redis_fallbacks_total";
+pub const REDIS_UP: &str = "switchboard_redis_up";
+pub const REDIS_SECONDS: &str = "switchboard_redis_request_duration_seconds";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -94,6 +99,23 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     describe_spool_replay();
+    describe_counter!(
+        REDIS_REQUESTS,
+        "Calls to the shared Redis store, by op (dedupe_claim, dedupe_commit, dedupe_release, limit) and outcome (ok, error, timeout)."
+    );
+    describe_counter!(
+        REDIS_FALLBACKS,
+        "Redis calls answered from this instance's memory instead (Redis failed, timed out, or was being skipped after a failure), by op."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 while the shared Redis store answers; 0 while dedupe and limits fall back to local memory."
+    );
+    describe_histogram!(
+        REDIS_SECONDS,
+        Unit::Seconds,
+        "Round-trip time of successful Redis calls, by op."
+    );
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route and status code."

@@ -82,7 +82,7 @@ impl EmailIntake {
             channel: NAME,
             trace_id: trace_id(None),
         };
-        self.pipeline.admit(&ctx)?;
+        self.pipeline.admit(&ctx).await?;
         let envelope = Envelope {
             mail_from,
             rcpt_to: self.intake_address(rcpts),

@@ -34,6 +34,11 @@ pub const SECRET_KEYS: &[&str] = &[
     "chat.customer_token_secrets",
 ];
 
+/// Addresses that may carry credentials in their user info (`redis://user:password@host`): the
+/// whole user info is replaced (user name included, and a bare `redis://password@host`), the
+/// host, port and database stay readable.
+pub const SECRET_URLS: &[&str] = &["redis.url"];
+
 /// Keys whose names look like secrets but hold none.
 pub const NOT_SECRET: &[&str] = &["limits.max_keys", "email.tls_key_path"];
 
@@ -68,6 +73,19 @@ pub fn name_looks_secret(name: &str) -> bool {
         || n == "key"
 }
 
+fn is_secret_url(path: &str) -> bool {
+    SECRET_URLS.contains(&path)
+}
+
+/// `scheme://userinfo@host...` → `scheme://<redacted>@host...`; unchanged without user info.
+fn mask_url_userinfo(s: &str) -> Option<String> {
+    let scheme_end = s.find("://")? + 3;
+    let rest = &s[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some(format!("{}{MARKER}{}", &s[..scheme_end], &rest[at..]))
+}
+
 fn is_secret_path(path: &str) -> bool {
     if SECRET_KEYS.contains(&path) {
         return true;
@@ -92,6 +110,14 @@ pub fn to_redacted_toml(cfg: &Config) -> Result<String, String> {
 
 /// Redacts `v` (whose dotted path is `path`) in place.
 pub fn redact_value(v: &mut toml::Value, path: &str) {
+    if is_secret_url(path) {
+        if let toml::Value::String(s) = v {
+            if let Some(masked) = mask_url_userinfo(s) {
+                *s = masked;
+            }
+        }
+        return;
+    }
     if !path.is_empty() && is_secret_path(path) {
         blank(v);
         return;
@@ -195,7 +221,12 @@ mod tests {
     #[test]
     fn every_listed_key_exists() {
         let all = default_paths();
-        for k in SECRET_KEYS.iter().chain(NOT_SECRET).chain(SECRET_MAPS) {
+        for k in SECRET_KEYS
+            .iter()
+            .chain(NOT_SECRET)
+            .chain(SECRET_MAPS)
+            .chain(SECRET_URLS)
+        {
             assert!(all.iter().any(|p| p == k), "{k} is not a config key");
         }
     }
@@ -339,6 +370,37 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("/etc/k.pem"), "a path is no secret: {s}");
+    }
+
+    /// check-config with a Redis URL: the credentials go, the address stays.
+    #[test]
+    fn redis_url_credentials_are_redacted() {
+        for (url, want) in [
+            (
+                "redis://switchboard:redis-pass-1@cache.internal:6379/2",
+                "redis://<redacted>@cache.internal:6379/2",
+            ),
+            (
+                "redis://:redis-pass-2@cache.internal:6379",
+                "redis://<redacted>@cache.internal:6379",
+            ),
+            (
+                "redis://redis-pass-3@cache.internal",
+                "redis://<redacted>@cache.internal",
+            ),
+            (
+                "redis://cache.internal:6379/0",
+                "redis://cache.internal:6379/0",
+            ),
+        ] {
+            let text = format!("[dedupe]\nbackend = \"redis\"\n[redis]\nurl = \"{url}\"\n");
+            let cfg = Config::from_toml_str(&text, Vec::new()).unwrap();
+            let out = to_redacted_toml(&cfg).unwrap();
+            assert!(!out.contains("redis-pass"), "{out}");
+            let back: toml::Table = out.parse().unwrap();
+            assert_eq!(back["redis"]["url"].as_str(), Some(want));
+            assert_eq!(format!("{cfg:?}"), out);
+        }
     }
 
     #[test]

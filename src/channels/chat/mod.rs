@@ -195,7 +195,7 @@ impl Chat {
 
     /// `GET /v1/chat`: checks the upgrade request, answers 101 and runs the session.
     pub async fn upgrade(self: &Arc<Self>, mut req: Request<Incoming>, ctx: RequestCtx) -> Resp {
-        match self.check_upgrade(&req, &ctx) {
+        match self.check_upgrade(&req, &ctx).await {
             Err(r) => {
                 r.count(CHANNEL);
                 tracing::info!(
@@ -260,7 +260,7 @@ impl Chat {
         }
     }
 
-    fn check_upgrade(
+    async fn check_upgrade(
         &self,
         req: &Request<Incoming>,
         ctx: &RequestCtx,
@@ -271,7 +271,7 @@ impl Chat {
                 "open the chat with a GET websocket upgrade",
             ));
         }
-        self.pipeline.admit(ctx)?;
+        self.pipeline.admit(ctx).await?;
         let h = req.headers();
         let has_token = |name: header::HeaderName, token: &str| {
             h.get_all(name).iter().any(|v| {
