@@ -268,6 +268,11 @@ pub fn mime_to_record(data: &[u8]) {
     }
 }
 
+/// An SMTP session fed these bytes as the client's side of the conversation.
+pub fn smtp_session(data: &[u8]) {
+    harness().rt.block_on(crate::smtp::fuzz_session(data));
+}
+
 /// A chat client frame (JSON text), its `client_msg_id`, and a session or customer token.
 pub fn chat_protocol(data: &[u8]) {
     static TOKENS: OnceLock<channels::chat::token::Tokens> = OnceLock::new();
@@ -281,7 +286,7 @@ pub fn chat_protocol(data: &[u8]) {
     }
     let tokens = TOKENS.get_or_init(|| {
         channels::chat::token::Tokens::new(
-            &["fuzz-session-secret-0123456789".into()],
+            &["fuzz-session-secret-0123456789abcdef".into()],
             &["fuzz-customer-secret-0123456789".into()],
             3600,
         )

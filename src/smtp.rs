@@ -12,7 +12,7 @@
 //! Either handshake runs within the acceptor's timeout, not the command timeout.
 
 use futures_util::future::BoxFuture;
-use smtp_proto::request::receiver::{DataReceiver, RequestReceiver};
+use smtp_proto::request::receiver::{DataReceiver, RequestReceiver, MAX_LINE_LENGTH};
 use smtp_proto::Request;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -301,7 +301,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             let mut iter = pending.iter();
             let mut after_data: Option<Vec<u8>> = None;
             loop {
-                let flow = match receiver.ingest(&mut iter).map(|r| r.into_owned()) {
+                // smtp-proto caps a command line only when it spans reads; one that arrives
+                // whole in a read is capped here, at the same length.
+                let rest = iter.as_slice();
+                let line = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+                let parsed = if line > MAX_LINE_LENGTH {
+                    Err(smtp_proto::Error::ResponseTooLong)
+                } else {
+                    receiver.ingest(&mut iter).map(|r| r.into_owned())
+                };
+                let flow = match parsed {
                     Ok(req) => {
                         let is_data = matches!(req, Request::Data);
                         let flow = self.command(req, &mut out);
@@ -635,6 +644,56 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             pending = buf[..n].to_vec();
         }
     }
+}
+
+/// A mail handler that takes everything (for the fuzz target).
+struct AcceptAll;
+
+impl MailHandler for AcceptAll {
+    fn accept_recipient(&self, rcpt: &str) -> bool {
+        !rcpt.is_empty()
+    }
+    fn deliver(&self, _d: Delivery) -> BoxFuture<'static, Reply> {
+        Box::pin(async { Reply::new(250, "2.0.0", "OK") })
+    }
+}
+
+/// Runs one session over `input` as the client's bytes (then the client's end of stream) and
+/// drains the replies: the fuzz target's entry point (`crate::fuzzing::smtp_session`).
+pub(crate) async fn fuzz_session(input: &[u8]) {
+    let limits = SmtpLimits {
+        tls: None,
+        implicit_tls: false,
+        hostname: "fuzz.localhost".into(),
+        max_message_bytes: 64 * 1024,
+        max_recipients: 10,
+        max_line_bytes: 1000,
+        command_timeout: Duration::from_secs(5),
+        data_timeout: Duration::from_secs(5),
+        max_connections: 1,
+        max_errors: 10,
+        max_junk_commands: 20,
+    };
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let peer = SocketAddr::from(([127, 0, 0, 1], 25));
+    let session = Session::new(server, peer, &limits, Arc::new(AcceptAll), false);
+    let drive = async {
+        // The server's replies are read concurrently so that its writes never wait on us.
+        let (mut rd, mut wr) = tokio::io::split(&mut client);
+        let write = async {
+            let _ = wr.write_all(input).await;
+            let _ = wr.shutdown().await;
+        };
+        let read = async {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        };
+        tokio::join!(write, read);
+    };
+    let run = async {
+        let _ = session.run(CancellationToken::new(), true).await;
+    };
+    tokio::join!(run, drive);
 }
 
 #[cfg(test)]
