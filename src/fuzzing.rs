@@ -146,7 +146,9 @@ pub fn twilio_form(data: &[u8]) {
     } else {
         channels::form_pairs(data)
     };
-    let body = channels::form_get(&params, "Body").unwrap_or("").to_string();
+    let body = channels::form_get(&params, "Body")
+        .unwrap_or("")
+        .to_string();
     let sms = h.twilio.base_intake(
         &params,
         crate::record::ChannelKind::Sms,
@@ -242,7 +244,8 @@ pub fn wechat_decrypt(data: &[u8]) {
         let mut buf = rest.to_vec();
         buf.resize(rest.len().div_ceil(16).max(1) * 16, 0);
         let n = buf.len();
-        let Ok(enc) = cbc::Encryptor::<aes::Aes256>::new_from_slices(&WECHAT_KEY, &WECHAT_KEY[..16])
+        let Ok(enc) =
+            cbc::Encryptor::<aes::Aes256>::new_from_slices(&WECHAT_KEY, &WECHAT_KEY[..16])
         else {
             return;
         };

@@ -214,7 +214,10 @@ async fn two_thousand_idle_connections_do_not_stop_other_clients() {
     assert!(limit >= 4_500, "open-file hard limit {limit} is too low");
     let gw = Gateway::start(&[
         ("SWITCHBOARD_HTTP__HEADER_READ_TIMEOUT_MS", "120000".into()),
-        ("SWITCHBOARD_HTTP__KEEPALIVE_IDLE_TIMEOUT_MS", "120000".into()),
+        (
+            "SWITCHBOARD_HTTP__KEEPALIVE_IDLE_TIMEOUT_MS",
+            "120000".into(),
+        ),
         ("SWITCHBOARD_HTTP__MAX_CONNECTIONS", "5000".into()),
         ("SWITCHBOARD_LIMITS__ENABLED", "false".into()),
     ])
