@@ -12,7 +12,7 @@
 #
 # cargo-fuzz needs nightly flags: it runs on the stable toolchain with RUSTC_BOOTSTRAP=1. The
 # sanitizer is off (-s none): the crate forbids unsafe code, so what is hunted is panics, integer
-# overflow (--debug-assertions), hangs and unbounded memory, which libFuzzer's coverage-guided
+# overflow (overflow-checks in fuzz/Cargo.toml), hangs and unbounded memory, which libFuzzer's coverage-guided
 # search finds without ASan; and ASan would also instrument the C libraries the build compiles
 # (zstd), against which librdkafka's configure links its checks without ASan and fails.
 set -euo pipefail
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 export RUSTC_BOOTSTRAP=1
 NICE=(nice -n 19 ionice -c3)
-FLAGS=(-O --debug-assertions -s none)
+FLAGS=(-O -s none)
 TIMEOUT="${FUZZ_TIMEOUT:-10}"
 RSS_MB="${FUZZ_RSS_MB:-2048}"
 
