@@ -86,6 +86,11 @@ extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi
 cargo test --workspace --all-targets --locked "${extra[@]}"
 
+# 4b. Fuzz smoke: every cargo-fuzz target (fuzz/) for 10 s from its committed seeds; any
+#     crash fails the run (README "Fuzzing"). Installs cargo-fuzz if missing.
+log "fuzz smoke (scripts/fuzz.sh smoke)"
+bash scripts/fuzz.sh smoke 10
+
 # 5. The operator kit: promtool on the alert rules, their unit tests and a live scrape;
 #    schemathesis against docs/openapi.yaml on a running gateway (about 3 minutes).
 log "operator kit checks (scripts/ops-check.sh)"

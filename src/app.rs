@@ -27,7 +27,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A public route: an exact path, or a prefix (for routes that carry a secret path token).
@@ -420,11 +419,14 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let pipeline = Pipeline::new(&cfg, sink)?;
     tracing::info!("{}", pipeline.triage().summary());
 
-    let public_listener = TcpListener::bind(cfg.http.listen)
-        .await
+    match crate::http::raise_fd_limit() {
+        Ok(n) => tracing::info!(nofile = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    let backlog = cfg.http.listen_backlog;
+    let public_listener = crate::http::bind(cfg.http.listen, backlog)
         .map_err(|e| format!("http.listen {}: {e}", cfg.http.listen))?;
-    let admin_listener = TcpListener::bind(cfg.admin.listen)
-        .await
+    let admin_listener = crate::http::bind(cfg.admin.listen, backlog)
         .map_err(|e| format!("admin.listen {}: {e}", cfg.admin.listen))?;
     let public_addr = public_listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
@@ -468,8 +470,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     });
     let smtps = match cfg.email.smtps_addr().map_err(|e| e.to_string())? {
         Some(listen) => {
-            let l = TcpListener::bind(listen)
-                .await
+            let l = crate::http::bind(listen, backlog)
                 .map_err(|e| format!("email.smtps_listen {listen}: {e}"))?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
             Some((l, addr))
@@ -477,8 +478,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         None => None,
     };
     let smtp = if cfg.email.smtp_enabled {
-        let l = TcpListener::bind(cfg.email.smtp_listen)
-            .await
+        let l = crate::http::bind(cfg.email.smtp_listen, backlog)
             .map_err(|e| format!("email.smtp_listen {}: {e}", cfg.email.smtp_listen))?;
         let addr = l.local_addr().map_err(|e| e.to_string())?;
         Some((l, addr))
@@ -567,6 +567,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             data_timeout: Duration::from_secs(e.data_timeout_secs),
             max_connections: e.max_connections,
             max_errors: e.max_errors,
+            max_junk_commands: e.max_junk_commands,
         }
     };
     let smtp_task = smtp.map(|(listener, addr)| {

@@ -54,6 +54,9 @@ pub struct HttpConfig {
     pub body_read_timeout_ms: u64,
     pub keepalive_idle_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// Accept queue of the listening sockets (public, admin, SMTP): connections the kernel holds
+    /// before the gateway accepts them (capped by net.core.somaxconn).
+    pub listen_backlog: u32,
     /// PEM certificate chain and private key; both set: the listener speaks HTTPS only (TLS 1.2
     /// and 1.3, ALPN http/1.1), re-read on SIGHUP. Both empty: plain HTTP.
     pub tls_cert_path: String,
@@ -74,6 +77,7 @@ impl Default for HttpConfig {
             body_read_timeout_ms: 15_000,
             keepalive_idle_timeout_ms: 60_000,
             shutdown_grace_ms: 20_000,
+            listen_backlog: 1024,
             tls_cert_path: String::new(),
             tls_key_path: String::new(),
             tls_handshake_timeout_ms: 10_000,
@@ -553,6 +557,9 @@ pub struct EmailConfig {
     pub data_timeout_secs: u64,
     pub max_connections: usize,
     pub max_errors: usize,
+    /// Commands that move no mail (NOOP, RSET, VRFY, HELO/EHLO, HELP, ...) a session may send;
+    /// past it the session is closed with 421 4.7.0 (a command flood).
+    pub max_junk_commands: usize,
     /// PEM certificate chain and private key; both set: STARTTLS is offered (TLS 1.2+).
     pub tls_cert_path: String,
     pub tls_key_path: String,
@@ -591,6 +598,7 @@ impl Default for EmailConfig {
             data_timeout_secs: 180,
             max_connections: 200,
             max_errors: 10,
+            max_junk_commands: 100,
             tls_cert_path: String::new(),
             tls_key_path: String::new(),
             max_mime_depth: 20,
@@ -839,6 +847,9 @@ impl Config {
         if h.max_body_bytes == 0 {
             return Err(key_err("http.max_body_bytes", "must be at least 1"));
         }
+        if h.listen_backlog == 0 {
+            return Err(key_err("http.listen_backlog", "must be at least 1"));
+        }
         for (k, v) in [
             ("http.header_read_timeout_ms", h.header_read_timeout_ms),
             ("http.body_read_timeout_ms", h.body_read_timeout_ms),
@@ -1077,6 +1088,7 @@ impl Config {
             ("email.max_line_bytes", e.max_line_bytes),
             ("email.max_connections", e.max_connections),
             ("email.max_errors", e.max_errors),
+            ("email.max_junk_commands", e.max_junk_commands),
             ("email.max_mime_depth", e.max_mime_depth),
             ("email.max_mime_parts", e.max_mime_parts),
         ] {

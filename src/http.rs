@@ -94,11 +94,14 @@ pub async fn serve(
         tracker.spawn(async move {
             metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS, "listener" => name).increment(1.0);
             match tls {
-                None => serve_connection(stream, peer, handler, &builder, shutdown, idle).await,
+                None => {
+                    serve_connection(stream, peer, handler, &builder, shutdown, idle, name).await
+                }
                 Some(tls) => {
                     // A failed handshake is counted by the acceptor; the socket just closes.
                     if let Ok(stream) = tls.accept(stream).await {
-                        serve_connection(stream, peer, handler, &builder, shutdown, idle).await;
+                        serve_connection(stream, peer, handler, &builder, shutdown, idle, name)
+                            .await;
                     }
                 }
             }
@@ -136,6 +139,7 @@ async fn serve_connection<S>(
     builder: &hyper::server::conn::http1::Builder,
     shutdown: CancellationToken,
     idle: Duration,
+    name: &'static str,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -166,6 +170,14 @@ async fn serve_connection<S>(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    if let Some(reason) = connection_error_reason(&e) {
+                        metrics::counter!(
+                            crate::telemetry::HTTP_CONNECTION_ERRORS,
+                            "listener" => name,
+                            "reason" => reason
+                        )
+                        .increment(1);
+                    }
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
@@ -180,6 +192,42 @@ async fn serve_connection<S>(
             }
         }
     }
+}
+
+/// What hyper refused on a connection, for the counter: a request head not received within
+/// `header_read_timeout_ms` (slowloris), one over the size or count cap (hyper answered 431), or
+/// one that does not parse (hyper answered 400). A client hanging up is not counted.
+fn connection_error_reason(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_timeout() {
+        Some("header_timeout")
+    } else if e.is_parse_too_large() {
+        Some("header_too_large")
+    } else if e.is_parse() || e.is_parse_version_h2() {
+        Some("malformed_request")
+    } else {
+        None
+    }
+}
+
+/// Binds a listening TCP socket with an explicit accept queue (`http.listen_backlog`); tokio's
+/// `TcpListener::bind` always asks for 1024.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do on Unix: a restart may bind while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Raises the soft limit on open files to the hard limit, so `max_connections` (HTTP, admin,
+/// SMTP, chat) is what bounds connections rather than a default soft limit of 1024. Returns the
+/// limit now in force.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
 }
 
 /// Resolves once the connection has had no request in flight for `idle`.

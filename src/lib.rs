@@ -10,6 +10,7 @@ pub mod channels;
 pub mod config;
 pub mod dedupe;
 pub mod error;
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod limits;

@@ -12,7 +12,7 @@
 //! Either handshake runs within the acceptor's timeout, not the command timeout.
 
 use futures_util::future::BoxFuture;
-use smtp_proto::request::receiver::{DataReceiver, RequestReceiver};
+use smtp_proto::request::receiver::{DataReceiver, RequestReceiver, MAX_LINE_LENGTH};
 use smtp_proto::Request;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -23,7 +23,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::telemetry::{SMTP_REPLIES, SMTP_SESSIONS};
+use crate::telemetry::{
+    SMTP_CONNECTIONS_REJECTED, SMTP_REPLIES, SMTP_SESSIONS, SMTP_SESSIONS_CLOSED,
+};
+
+/// Counts a session the gateway closes, by why.
+fn closed(reason: &'static str) {
+    metrics::counter!(SMTP_SESSIONS_CLOSED, "reason" => reason).increment(1);
+}
 
 /// An SMTP reply: code, enhanced status code, text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +84,9 @@ pub struct SmtpLimits {
     pub data_timeout: Duration,
     pub max_connections: usize,
     pub max_errors: usize,
+    /// Commands that move no mail (NOOP, RSET, VRFY, HELO/EHLO, ...) before the session is closed;
+    /// the count starts again after each accepted message.
+    pub max_junk_commands: usize,
 }
 
 /// Serves until `shutdown`, then lets sessions finish their current message (bounded by `grace`).
@@ -91,7 +101,7 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let limits = Arc::new(limits);
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -104,12 +114,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            // A plain-text 421 means nothing to a client that expects a TLS handshake.
+            metrics::counter!(SMTP_CONNECTIONS_REJECTED).increment(1);
+            // A plain-text 421 means nothing to a client that expects a TLS handshake. A fresh
+            // socket's send buffer is empty: the write does not wait, and never holds the loop.
             if !limits.implicit_tls {
-                let _ = stream
-                    .write_all(b"421 4.3.2 Too many connections, try again later\r\n")
-                    .await;
+                let _ = stream.try_write(b"421 4.3.2 Too many connections, try again later\r\n");
             }
+            drop(stream);
             continue;
         };
         let (handler, limits, shutdown) = (handler.clone(), limits.clone(), shutdown.clone());
@@ -181,6 +192,7 @@ struct Session<'a, S> {
     mail_from: Option<String>,
     rcpt_to: Vec<String>,
     errors: usize,
+    junk: usize,
 }
 
 enum Flow {
@@ -255,6 +267,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             mail_from: None,
             rcpt_to: Vec::new(),
             errors: 0,
+            junk: 0,
         }
     }
 
@@ -288,7 +301,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             let mut iter = pending.iter();
             let mut after_data: Option<Vec<u8>> = None;
             loop {
-                let flow = match receiver.ingest(&mut iter).map(|r| r.into_owned()) {
+                // smtp-proto caps a command line only when it spans reads; one that arrives
+                // whole in a read is capped here, at the same length.
+                let rest = iter.as_slice();
+                let line = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+                let parsed = if line > MAX_LINE_LENGTH {
+                    Err(smtp_proto::Error::ResponseTooLong)
+                } else {
+                    receiver.ingest(&mut iter).map(|r| r.into_owned())
+                };
+                let flow = match parsed {
                     Ok(req) => {
                         let is_data = matches!(req, Request::Data);
                         let flow = self.command(req, &mut out);
@@ -304,9 +326,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                             out.push_str(&reply.line());
                             if reply.code >= 500 {
                                 self.errors += 1;
+                            } else if reply.code < 300 {
+                                self.junk = 0;
                             }
                             if reply.code == 421 || self.errors >= self.limits.max_errors {
-                                if reply.code != 421 {
+                                if reply.code == 421 {
+                                    closed("data_timeout");
+                                } else {
+                                    closed("too_many_errors");
                                     out.push_str(
                                         &Reply::new(
                                             421,
@@ -357,6 +384,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                 }
                 r = tokio::time::timeout(self.limits.command_timeout, self.stream.read(&mut buf)) => match r {
                     Err(_) => {
+                        closed("command_timeout");
                         self.send(Reply::new(421, "4.4.2", "Timeout waiting for a command")).await?;
                         return Ok(End::Closed);
                     }
@@ -377,7 +405,13 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     fn protocol_error(&mut self, e: smtp_proto::Error, out: &mut String) -> Flow {
         let r = match e {
             smtp_proto::Error::UnknownCommand => Reply::new(500, "5.5.1", "Unknown command"),
-            smtp_proto::Error::ResponseTooLong => Reply::new(500, "5.5.2", "Line too long"),
+            smtp_proto::Error::ResponseTooLong => {
+                // The rest of the line would be read as commands: answer and close.
+                out.push_str(&Reply::new(500, "5.5.2", "Line too long").line());
+                out.push_str(&Reply::new(421, "4.7.0", "Line too long, closing connection").line());
+                closed("line_too_long");
+                return Flow::Close;
+            }
             smtp_proto::Error::InvalidSenderAddress => {
                 Reply::new(501, "5.1.7", "Invalid sender address")
             }
@@ -398,12 +432,45 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         out.push_str(&r.line());
         if self.errors >= self.limits.max_errors {
             out.push_str(&Reply::new(421, "4.7.0", "Too many errors, closing connection").line());
+            closed("too_many_errors");
             return Flow::Close;
         }
         Flow::Continue
     }
 
+    /// Counts a command that moves no mail; past `max_junk_commands` the session ends (a flood
+    /// of NOOPs or RSETs is not an error reply, so `max_errors` alone would never end it).
+    fn junk(&mut self, out: &mut String) -> Option<Flow> {
+        self.junk += 1;
+        if self.junk > self.limits.max_junk_commands {
+            out.push_str(
+                &Reply::new(
+                    421,
+                    "4.7.0",
+                    "Too many commands without mail, closing connection",
+                )
+                .line(),
+            );
+            closed("junk_commands");
+            return Some(Flow::Close);
+        }
+        None
+    }
+
     fn command(&mut self, req: Request<String>, out: &mut String) -> Flow {
+        let junk = !matches!(
+            req,
+            Request::Mail { .. }
+                | Request::Rcpt { .. }
+                | Request::Data
+                | Request::Quit
+                | Request::StartTls
+        );
+        if junk {
+            if let Some(flow) = self.junk(out) {
+                return flow;
+            }
+        }
         match req {
             Request::Ehlo { host: _ } | Request::Lhlo { host: _ } => {
                 self.helo = true;
@@ -577,6 +644,56 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
             pending = buf[..n].to_vec();
         }
     }
+}
+
+/// A mail handler that takes everything (for the fuzz target).
+struct AcceptAll;
+
+impl MailHandler for AcceptAll {
+    fn accept_recipient(&self, rcpt: &str) -> bool {
+        !rcpt.is_empty()
+    }
+    fn deliver(&self, _d: Delivery) -> BoxFuture<'static, Reply> {
+        Box::pin(async { Reply::new(250, "2.0.0", "OK") })
+    }
+}
+
+/// Runs one session over `input` as the client's bytes (then the client's end of stream) and
+/// drains the replies: the fuzz target's entry point (`crate::fuzzing::smtp_session`).
+pub(crate) async fn fuzz_session(input: &[u8]) {
+    let limits = SmtpLimits {
+        tls: None,
+        implicit_tls: false,
+        hostname: "fuzz.localhost".into(),
+        max_message_bytes: 64 * 1024,
+        max_recipients: 10,
+        max_line_bytes: 1000,
+        command_timeout: Duration::from_secs(5),
+        data_timeout: Duration::from_secs(5),
+        max_connections: 1,
+        max_errors: 10,
+        max_junk_commands: 20,
+    };
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let peer = SocketAddr::from(([127, 0, 0, 1], 25));
+    let session = Session::new(server, peer, &limits, Arc::new(AcceptAll), false);
+    let drive = async {
+        // The server's replies are read concurrently so that its writes never wait on us.
+        let (mut rd, mut wr) = tokio::io::split(&mut client);
+        let write = async {
+            let _ = wr.write_all(input).await;
+            let _ = wr.shutdown().await;
+        };
+        let read = async {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        };
+        tokio::join!(write, read);
+    };
+    let run = async {
+        let _ = session.run(CancellationToken::new(), true).await;
+    };
+    tokio::join!(run, drive);
 }
 
 #[cfg(test)]

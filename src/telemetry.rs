@@ -11,6 +11,9 @@ pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
 pub const HTTP_IN_FLIGHT: &str = "switchboard_http_in_flight_requests";
 pub const HTTP_CONNECTIONS: &str = "switchboard_http_connections";
 pub const HTTP_CONNECTIONS_REJECTED: &str = "switchboard_http_connections_rejected_total";
+pub const HTTP_CONNECTION_ERRORS: &str = "switchboard_http_connection_errors_total";
+pub const SMTP_CONNECTIONS_REJECTED: &str = "switchboard_smtp_connections_rejected_total";
+pub const SMTP_SESSIONS_CLOSED: &str = "switchboard_smtp_sessions_closed_total";
 pub const RECORDS_EMITTED: &str = "switchboard_records_emitted_total";
 pub const REJECTIONS: &str = "switchboard_rejections_total";
 pub const SIGNATURE_LOG_ONLY: &str = "switchboard_signature_failures_allowed_total";
@@ -125,6 +128,18 @@ fn describe() {
     describe_counter!(
         HTTP_CONNECTIONS_REJECTED,
         "Connections closed at once because http.max_connections was reached."
+    );
+    describe_counter!(
+        HTTP_CONNECTION_ERRORS,
+        "Connections hyper refused, by listener and reason (header_timeout, header_too_large, malformed_request)."
+    );
+    describe_counter!(
+        SMTP_CONNECTIONS_REJECTED,
+        "SMTP connections refused at once because email.max_connections was reached."
+    );
+    describe_counter!(
+        SMTP_SESSIONS_CLOSED,
+        "SMTP sessions the gateway closed, by reason (too_many_errors, junk_commands, line_too_long, command_timeout, data_timeout)."
     );
     describe_counter!(
         RECORDS_EMITTED,

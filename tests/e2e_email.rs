@@ -44,6 +44,7 @@ async fn capture_server() -> (String, mpsc::UnboundedReceiver<String>) {
         data_timeout: Duration::from_secs(30),
         max_connections: 10,
         max_errors: 5,
+        max_junk_commands: 100,
     };
     let token = tokio_util::sync::CancellationToken::new();
     tokio::spawn(switchboard::smtp::serve(

@@ -204,7 +204,7 @@ impl ApiChannel {
 
     /// One event or an array of them. Syntax errors are `malformed_json`; well-formed JSON that is
     /// not an event is `invalid_event`, with the path of the offending field.
-    fn parse(&self, body: &[u8]) -> Result<(Vec<Event>, bool), Rejection> {
+    pub(crate) fn parse(&self, body: &[u8]) -> Result<(Vec<Event>, bool), Rejection> {
         let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
         let classify = |e: serde_path_to_error::Error<serde_json::Error>| {
             let path = e.path().to_string();
@@ -281,7 +281,7 @@ impl super::Channel for ApiChannel {
     }
 }
 
-fn to_intake(e: Event) -> Result<Intake, Rejection> {
+pub(crate) fn to_intake(e: Event) -> Result<Intake, Rejection> {
     if e.event_id.trim().is_empty() {
         return Err(invalid("event_id: must not be empty"));
     }

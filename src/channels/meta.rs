@@ -103,7 +103,7 @@ impl Product {
 /// What one POST yielded: messages to record (with their provider time in ms, for ordering)
 /// and what was left out, by kind.
 #[derive(Debug, Default)]
-struct Batch {
+pub(crate) struct Batch {
     items: Vec<(Option<i64>, Intake)>,
     ignored: BTreeMap<&'static str, u64>,
 }
@@ -121,7 +121,7 @@ impl Batch {
     }
 
     /// Provider time first; arrival order among equal (or missing) times.
-    fn into_ordered(mut self) -> Vec<Intake> {
+    pub(crate) fn into_ordered(mut self) -> Vec<Intake> {
         self.items.sort_by_key(|(t, _)| t.unwrap_or(i64::MAX));
         self.items.into_iter().map(|(_, i)| i).collect()
     }
@@ -246,7 +246,7 @@ impl Meta {
     }
 
     /// Everything to record from a verified body.
-    fn parse(&self, v: &Value) -> Result<Batch, Rejection> {
+    pub(crate) fn parse(&self, v: &Value) -> Result<Batch, Rejection> {
         let object = v
             .get("object")
             .and_then(Value::as_str)

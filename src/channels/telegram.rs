@@ -353,7 +353,7 @@ impl Telegram {
     }
 
     /// The intake an update produces, if any (`Err` for a body that is not an update).
-    fn parse(&self, body: &[u8]) -> Result<Option<Intake>, Rejection> {
+    pub(crate) fn parse(&self, body: &[u8]) -> Result<Option<Intake>, Rejection> {
         let u: Update = serde_json::from_slice(body).map_err(|e| {
             let reason = if e.is_syntax() || e.is_eof() {
                 Reason::MalformedJson

@@ -206,7 +206,7 @@ impl Twilio {
         id
     }
 
-    fn base_intake(
+    pub(crate) fn base_intake(
         &self,
         p: &[(String, String)],
         channel: ChannelKind,
@@ -296,7 +296,7 @@ impl Twilio {
             .map(|c| (c.clone(), format!("ivr_menu:{d}")))
     }
 
-    fn voice_intake(
+    pub(crate) fn voice_intake(
         &self,
         p: &[(String, String)],
         step: &str,

@@ -102,6 +102,13 @@ impl Vonage {
     }
 
     fn intake(&self, p: &[(String, String)]) -> Result<Intake, Rejection> {
+        Self::intake_of(&self.normalizer, p)
+    }
+
+    pub(crate) fn intake_of(
+        normalizer: &Normalizer,
+        p: &[(String, String)],
+    ) -> Result<Intake, Rejection> {
         let id = form_get(p, "messageId")
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Rejection::new(Reason::InvalidEvent, "messageId is missing"))?;
@@ -115,7 +122,7 @@ impl Vonage {
         };
         let mut i = Intake::new(ChannelKind::Sms, NAME, text);
         i.provider_message_id = Some(id.to_string());
-        i.identity = sms_identity(from, &self.normalizer, NAME, None);
+        i.identity = sms_identity(from, normalizer, NAME, None);
         if let Some(to) = form_get(p, "to") {
             i.metadata.insert("to".into(), to.to_string());
         }

@@ -173,7 +173,7 @@ impl Weibo {
     }
 
     /// The intake for one push; `None` for events and types that carry no complaint.
-    fn parse(&self, body: &[u8]) -> Result<Option<Intake>, Rejection> {
+    pub(crate) fn parse(&self, body: &[u8]) -> Result<Option<Intake>, Rejection> {
         let v: serde_json::Value = serde_json::from_slice(body)
             .map_err(|e| Rejection::new(Reason::MalformedJson, e.to_string()))?;
         if !v.is_object() {

@@ -219,7 +219,7 @@ impl X {
     }
 
     /// The DMs of one activity POST, in array order, without the account's own.
-    fn parse(&self, body: &[u8]) -> Result<Vec<Intake>, Rejection> {
+    pub(crate) fn parse(&self, body: &[u8]) -> Result<Vec<Intake>, Rejection> {
         let v: serde_json::Value = serde_json::from_slice(body)
             .map_err(|e| Rejection::new(Reason::MalformedJson, e.to_string()))?;
         if !v.is_object() {

@@ -11,6 +11,7 @@
 //! source limit, 429), frame and message size (tungstenite, close 1009), frames per second (close
 //! 1008), messages per minute (error `rate_limited`, then close 1008), hello and idle timeouts,
 //! heartbeats, and a write timeout so a client that stops reading is cut instead of buffered.
+//! Protocol violations close with 1002, text that is not UTF-8 with 1007.
 
 pub mod outbox;
 pub mod protocol;
@@ -83,6 +84,7 @@ enum End {
     SlowReader,
     Shutdown,
     Protocol,
+    BadUtf8,
 }
 
 impl End {
@@ -99,6 +101,7 @@ impl End {
             End::SlowReader => "slow_reader",
             End::Shutdown => "shutdown",
             End::Protocol => "protocol_error",
+            End::BadUtf8 => "invalid_utf8",
         }
     }
 }
@@ -437,7 +440,8 @@ impl Session {
         self.frames.check().is_ok()
     }
 
-    /// Maps a read error to how the connection ends (oversize → 1009).
+    /// Maps a read error to how the connection ends (oversize → 1009, protocol → 1002, bad
+    /// UTF-8 → 1007).
     async fn read_error(&mut self, e: WsError) -> End {
         match e {
             WsError::Capacity(_) => {
@@ -445,6 +449,15 @@ impl Session {
                     .await
             }
             WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => End::Client,
+            // RFC 6455 7.4.1: 1002 for a protocol violation, 1007 for text that is not UTF-8.
+            WsError::Protocol(_) => {
+                self.close(CloseCode::Protocol, "protocol error", End::Protocol)
+                    .await
+            }
+            WsError::Utf8(_) => {
+                self.close(CloseCode::Invalid, "text frame is not UTF-8", End::BadUtf8)
+                    .await
+            }
             _ => End::Protocol,
         }
     }

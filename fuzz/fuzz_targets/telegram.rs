@@ -1,0 +1,6 @@
+//! Telegram Bot API updates.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| switchboard::fuzzing::telegram(data));

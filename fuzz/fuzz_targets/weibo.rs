@@ -1,0 +1,6 @@
+//! Weibo push JSON.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| switchboard::fuzzing::weibo(data));
