@@ -11,6 +11,7 @@
 #   c  open loop at half the spool maximum (median of a): p99 to the spool
 #   d  SMTP, 10 KB mails with pipelining: closed loop (max msg/s), then open loop at --smtp-rates
 #   e  websockets: --chat-sessions sessions at --chat-total-rate messages/s: ack p99, gateway RSS
+#      (a fresh gateway, as for f)
 #   f  (only with --long) --long-duration open loop at half the spool maximum, RSS slope
 #   b  the same closed-loop pairs with Kafka as the sink (a broker from scripts/kafka.sh on
 #      --kafka-port), then open loop at half the Kafka maximum, and `verify`: lost must be 0
@@ -53,7 +54,7 @@ log_level=info
 gateway_bin=""
 
 usage() {
-  sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   cat <<EOF
 
 Options (defaults in brackets):
@@ -274,7 +275,11 @@ if [ "$spool_steps" = 1 ]; then
       step "d-smtp-open-$r" "${smtp[@]}" --rate "$r"
     done
   fi
+  # Steps e and f report the gateway's memory: each gets a fresh gateway, so the dedupe
+  # windows and caches the earlier steps filled do not count against it.
   if has_step e; then
+    stop_gateway
+    start_gateway chat
     step e-chat --target "$gateway_url" --mix none --chat-sessions "$chat_sessions" \
       --chat-rate "$chat_rate" --gateway-pid "$gw_pid"
   fi
@@ -282,6 +287,8 @@ if [ "$spool_steps" = 1 ]; then
     if [ "$spool_max" -gt 0 ]; then
       duration_saved=$duration
       duration=$long_duration
+      stop_gateway
+      start_gateway long
       step f-long --target "$gateway_url" --mix "$long_mix" --rate "$(half "$spool_max")" --gateway-pid "$gw_pid"
       duration=$duration_saved
     else
