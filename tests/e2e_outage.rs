@@ -132,5 +132,18 @@ async fn kafka_going_away_falls_back_to_the_spool_and_readyz_reflects_it() {
         ),
         5.0
     );
-    assert!(metric_value(&metrics, "switchboard_spool_records", &[]) >= 5.0);
+    // The spool's gauges are published after the commit that answered the sender, so the scrape
+    // right after the last 202 may not see them yet: await them (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = gw.metric("switchboard_spool_records", &[]).await;
+        if v >= 5.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "switchboard_spool_records is {v}, want at least 5"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
