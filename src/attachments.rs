@@ -289,9 +289,11 @@ impl AttachmentStore {
                 w.1 = w.1.saturating_sub(size);
             }
         };
-        let low = self
-            .free_bytes()
-            .is_some_and(|free| free < size.saturating_add(self.limits.min_free_bytes));
+        // 0: no headroom kept (the write finds out, `disk_full`).
+        let low = self.limits.min_free_bytes > 0
+            && self
+                .free_bytes()
+                .is_some_and(|free| free < size.saturating_add(self.limits.min_free_bytes));
         if low {
             release(&mut self.state.lock());
             return Err(Omitted::DiskLow);

@@ -580,7 +580,7 @@ pub struct EmailConfig {
     /// Stored attachments older than this are deleted by the retention sweep (0: kept forever).
     pub attachment_max_age_hours: u64,
     /// Free space kept on the attachment volume: an attachment that would leave less is not
-    /// stored (`omitted: "disk_low"`).
+    /// stored (`omitted: "disk_low"`). 0: none kept (a full disk gives `disk_full`).
     pub attachment_min_free_bytes: u64,
     /// How often the retention sweep runs (it also removes stale temp files).
     pub attachment_sweep_interval_secs: u64,
