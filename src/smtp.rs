@@ -749,7 +749,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         let mut fault: Option<Reply> = None;
         let mut spill_failed = false;
         let mut too_big = false;
-        let mut buf = vec![0u8; 64 * 1024];
+        // Small buffers: 200 sessions in DATA hold 200 of each.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut sink = Vec::with_capacity(buf.len());
         loop {
             let mut iter = pending.iter();
