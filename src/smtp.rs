@@ -939,8 +939,11 @@ mod tests {
         }
     }
 
+    /// Messages delivered: (spilled to a file, bytes).
+    type Kept = Arc<parking_lot::Mutex<Vec<(bool, Vec<u8>)>>>;
+
     /// Keeps what it is given (a spilled message read back).
-    struct Keep(Arc<parking_lot::Mutex<Vec<(bool, Vec<u8>)>>>);
+    struct Keep(Kept);
 
     impl MailHandler for Keep {
         fn accept_recipient(&self, _: &str) -> bool {

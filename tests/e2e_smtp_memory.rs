@@ -147,7 +147,7 @@ async fn two_hundred_concurrent_large_mails_all_land_within_the_documented_rss()
             let (mut code, mut line) = attempt(&smtp, n, &body, Some(&barrier)).await;
             // A 4xx is "try again later" (an MTA queues and retries); bounded here.
             for _ in 0..20 {
-                if code < 400 || code >= 500 {
+                if !(400..500).contains(&code) {
                     break;
                 }
                 deferred.fetch_add(1, Ordering::Relaxed);

@@ -478,4 +478,19 @@ mod tests {
         assert!(!h.accept_recipient("someone@elsewhere.example"));
         assert!(h.accept_recipient("<Complaints@Switchboard.localhost>"));
     }
+
+    #[tokio::test]
+    async fn no_parse_budget_in_time_is_452_4_3_1() {
+        let mut cfg = Config::default();
+        cfg.email.parse_memory_bytes = 4096;
+        cfg.email.data_timeout_secs = 0;
+        let p = Pipeline::new(&cfg, Arc::new(crate::sink::memory::MemorySink::default())).unwrap();
+        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, p, None, None)));
+        // A message larger than the budget takes all of it; the next one cannot get its share.
+        let held = h.0.budget.acquire(1 << 20).await.unwrap();
+        let r = h.deliver(delivery(4)).await;
+        assert_eq!((r.code, r.status), (452, "4.3.1"));
+        drop(held);
+        assert_eq!(h.deliver(delivery(5)).await.code, 250);
+    }
 }
