@@ -56,7 +56,7 @@ RUN apt-get update \
 RUN groupadd --gid 10001 switchboard \
  && useradd --uid 10001 --gid 10001 --home-dir /var/lib/switchboard --no-create-home \
       --shell /usr/sbin/nologin switchboard \
- && mkdir -p /var/lib/switchboard/spool \
+ && mkdir -p /var/lib/switchboard/spool /var/lib/switchboard/attachments \
  && chown -R 10001:10001 /var/lib/switchboard
 
 COPY --from=builder /src/target/release/switchboard /usr/local/bin/switchboard

@@ -197,6 +197,8 @@ pub struct Admin {
     pipeline: Arc<Pipeline>,
     prometheus: PrometheusHandle,
     readyz_requires_kafka: bool,
+    /// The attachment store's volume headroom, shown in `/readyz` (informational).
+    attachments: Option<Arc<crate::attachments::AttachmentStore>>,
 }
 
 impl Handler for Admin {
@@ -238,6 +240,10 @@ impl Handler for Admin {
                     // and intake goes on, so readiness does not depend on it.
                     if let Some(state) = me.pipeline.shared_state() {
                         body["redis"] = serde_json::Value::String(state.into());
+                    }
+                    // Informational: a full attachment volume only omits attachment bodies.
+                    if let Some(store) = &me.attachments {
+                        body["disk"]["attachments"] = store.headroom();
                     }
                     let status = if ready {
                         StatusCode::OK
@@ -412,6 +418,67 @@ pub async fn forward_backlog(
     Ok(out)
 }
 
+/// The attachment store (never fatal: see `AttachmentStore::open`), with a warning when it shares
+/// a volume with the spool (a mail flood could then fill the spool's disk).
+fn open_attachment_store(cfg: &Config) -> Arc<crate::attachments::AttachmentStore> {
+    let e = &cfg.email;
+    let store = crate::attachments::AttachmentStore::open(
+        e.attachment_dir.clone(),
+        e.attachment_url_prefix.clone(),
+        crate::attachments::StoreLimits::from_config(e),
+    );
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    if let (Some(a), Some(s)) = (dev(&e.attachment_dir), dev(&cfg.spool.dir)) {
+        if a == s {
+            tracing::warn!(
+                "email.attachment_dir is on the same volume as spool.dir: give it its own volume \
+                 (attachments are bounded by email.attachment_max_total_bytes and \
+                 email.attachment_min_free_bytes, but the spool then shares their disk)"
+            );
+        }
+    }
+    store
+}
+
+/// Refreshes the attachment volume's headroom gauge every 15 s and runs the retention sweep
+/// every `email.attachment_sweep_interval_secs` (stale SMTP spill files go too).
+fn spawn_attachment_sweeper(
+    cfg: &Config,
+    store: Arc<crate::attachments::AttachmentStore>,
+) -> tokio::task::JoinHandle<()> {
+    let every = Duration::from_secs(cfg.email.attachment_sweep_interval_secs);
+    let spill_dir = cfg.email.data_spill_dir();
+    // A message is in its spill file for at most 4 data timeouts, then waits for the parser.
+    let spill_stale =
+        (Duration::from_secs(cfg.email.data_timeout_secs) * 6).max(Duration::from_secs(3600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.min(Duration::from_secs(15)));
+        let mut last: Option<tokio::time::Instant> = None;
+        loop {
+            tick.tick().await;
+            if last.is_some_and(|l| l.elapsed() < every) {
+                store.free_bytes();
+                continue;
+            }
+            last = Some(tokio::time::Instant::now());
+            let (store, spill_dir) = (store.clone(), spill_dir.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                let now = std::time::SystemTime::now();
+                store.sweep(now);
+                let n = crate::attachments::remove_older_than(&spill_dir, spill_stale, now, |n| {
+                    n.ends_with(".eml")
+                });
+                if n > 0 {
+                    metrics::counter!(telemetry::ATTACHMENTS_DELETED, "reason" => "stale_spill")
+                        .increment(n);
+                }
+            })
+            .await;
+        }
+    })
+}
+
 /// Runs the gateway until SIGTERM/SIGINT, then shuts down gracefully.
 pub async fn serve(cfg: Config) -> Result<(), String> {
     let prometheus = telemetry::install_recorder()?;
@@ -457,7 +524,14 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     } else {
         None
     };
-    let email = Arc::new(EmailIntake::new(&cfg.email, pipeline.clone(), ack.clone()));
+    let attachments = open_attachment_store(&cfg);
+    let attachment_sweeper = spawn_attachment_sweeper(&cfg, attachments.clone());
+    let email = Arc::new(EmailIntake::new(
+        &cfg.email,
+        pipeline.clone(),
+        ack.clone(),
+        Some(attachments.clone()),
+    ));
     // Per-recipient acknowledgement limits forget recipients idle for an hour.
     let ack_evictor = ack.map(|a| {
         tokio::spawn(async move {
@@ -533,6 +607,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
         pipeline: pipeline.clone(),
         prometheus,
         readyz_requires_kafka: cfg.admin.readyz_requires_kafka,
+        attachments: Some(attachments.clone()),
     };
     let grace = Duration::from_millis(cfg.http.shutdown_grace_ms);
     let public_limits = ListenerLimits {
@@ -568,6 +643,8 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
             max_connections: e.max_connections,
             max_errors: e.max_errors,
             max_junk_commands: e.max_junk_commands,
+            data_memory_bytes: e.data_memory_bytes,
+            data_spill_dir: e.data_spill_dir(),
         }
     };
     let smtp_task = smtp.map(|(listener, addr)| {
@@ -631,6 +708,7 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     let _ = admin_task.await;
     evictor.abort();
     sweeper.abort();
+    attachment_sweeper.abort();
     if let Some(t) = ack_evictor {
         t.abort();
     }

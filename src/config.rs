@@ -569,6 +569,31 @@ pub struct EmailConfig {
     pub attachment_dir: PathBuf,
     /// Prefix of the attachment reference in the record (the sha256 follows).
     pub attachment_url_prefix: String,
+    /// Attachment bytes one message may store; the attachments past it are recorded without
+    /// their body (`omitted: "quota_message"`).
+    pub attachment_max_message_bytes: u64,
+    /// Attachment bytes one sender (From, else envelope sender) may store per hour
+    /// (`omitted: "quota_sender"`).
+    pub attachment_sender_bytes_per_hour: u64,
+    /// Bytes the attachment store may hold in all (`omitted: "quota_total"`).
+    pub attachment_max_total_bytes: u64,
+    /// Stored attachments older than this are deleted by the retention sweep (0: kept forever).
+    pub attachment_max_age_hours: u64,
+    /// Free space kept on the attachment volume: an attachment that would leave less is not
+    /// stored (`omitted: "disk_low"`). 0: none kept (a full disk gives `disk_full`).
+    pub attachment_min_free_bytes: u64,
+    /// How often the retention sweep runs (it also removes stale temp files).
+    pub attachment_sweep_interval_secs: u64,
+    /// DATA bytes a session keeps in memory; a larger message streams to a temp file in
+    /// `data_spill_dir`.
+    pub data_memory_bytes: usize,
+    /// Where large messages are streamed during DATA; empty: `<attachment_dir>/.incoming` (the
+    /// attachment volume, never the spool's).
+    pub data_spill_dir: String,
+    /// Message bytes parsed at once (MIME parsing needs the whole message in memory): a
+    /// bytes-weighted semaphore; a message waits for its share (at most `data_timeout_secs`,
+    /// then `452 4.3.1`).
+    pub parse_memory_bytes: usize,
     /// `POST /hooks/email/inbound?token=...`: "enforce", "log_only" or "off".
     pub inbound_auth_mode: SignatureMode,
     /// Token(s) in the inbound webhook's URL (current, previous).
@@ -603,8 +628,17 @@ impl Default for EmailConfig {
             tls_key_path: String::new(),
             max_mime_depth: 20,
             max_mime_parts: 500,
-            attachment_dir: PathBuf::from("var/attachments"),
+            attachment_dir: PathBuf::from("attachments"),
             attachment_url_prefix: "attachment:sha256:".into(),
+            attachment_max_message_bytes: 10 * 1024 * 1024,
+            attachment_sender_bytes_per_hour: 50 * 1024 * 1024,
+            attachment_max_total_bytes: 10 * 1024 * 1024 * 1024,
+            attachment_max_age_hours: 90 * 24,
+            attachment_min_free_bytes: 512 * 1024 * 1024,
+            attachment_sweep_interval_secs: 300,
+            data_memory_bytes: 256 * 1024,
+            data_spill_dir: String::new(),
+            parse_memory_bytes: 64 * 1024 * 1024,
             inbound_auth_mode: SignatureMode::Enforce,
             inbound_tokens: vec!["dev-only-email-inbound-token".into()],
             mailgun_signing_keys: Vec::new(),
@@ -1091,6 +1125,12 @@ impl Config {
             ("email.max_junk_commands", e.max_junk_commands),
             ("email.max_mime_depth", e.max_mime_depth),
             ("email.max_mime_parts", e.max_mime_parts),
+            ("email.data_memory_bytes", e.data_memory_bytes),
+            ("email.parse_memory_bytes", e.parse_memory_bytes),
+            (
+                "email.attachment_sweep_interval_secs",
+                e.attachment_sweep_interval_secs as usize,
+            ),
         ] {
             if v == 0 {
                 return Err(key_err(k, "must be at least 1"));
@@ -1249,6 +1289,14 @@ impl EmailConfig {
 
     pub fn tls_handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.tls_handshake_timeout_secs)
+    }
+
+    /// Where DATA larger than `data_memory_bytes` is streamed.
+    pub fn data_spill_dir(&self) -> PathBuf {
+        match self.data_spill_dir.trim() {
+            "" => self.attachment_dir.join(".incoming"),
+            d => PathBuf::from(d),
+        }
     }
 }
 

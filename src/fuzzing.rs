@@ -100,8 +100,7 @@ fn harness() -> &'static Harness {
                 max_depth: cfg.email.max_mime_depth,
                 max_parts: cfg.email.max_mime_parts,
                 // Metadata only: no attachment bytes written per run.
-                attachment_dir: None,
-                attachment_url_prefix: cfg.email.attachment_url_prefix.clone(),
+                store: None,
             },
             rt,
             pipeline,

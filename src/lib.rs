@@ -5,10 +5,12 @@
 
 pub mod ack_mail;
 pub mod app;
+pub mod attachments;
 pub mod auth;
 pub mod channels;
 pub mod config;
 pub mod dedupe;
+pub mod disk;
 pub mod error;
 pub mod fuzzing;
 pub mod http;

@@ -47,6 +47,13 @@ pub struct Attachment {
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Whether the gateway kept the bytes (email attachments): `false` with `omitted` saying why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<bool>,
+    /// Why the bytes were not kept (`quota_message`, `quota_sender`, `quota_total`, `disk_low`,
+    /// `disk_full`, `write_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omitted: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -10,11 +10,17 @@
 //! injection across the TLS boundary) and the session starts afresh inside TLS. With
 //! `implicit_tls` (the `email.smtps_listen` listener) the session is TLS from the first byte.
 //! Either handshake runs within the acceptor's timeout, not the command timeout.
+//!
+//! Memory: a session keeps at most `data_memory_bytes` of a message in memory; the rest of a
+//! larger message streams to a temp file in `data_spill_dir` (removed once delivered, or on any
+//! failure). A spill that cannot be written (a full disk) is answered `452 4.3.1`: the sender
+//! retries later, nothing is lost. The DATA checks (bare LF/CR, line length) run on the stream.
 
 use futures_util::future::BoxFuture;
 use smtp_proto::request::receiver::{DataReceiver, RequestReceiver, MAX_LINE_LENGTH};
 use smtp_proto::Request;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::telemetry::{
-    SMTP_CONNECTIONS_REJECTED, SMTP_REPLIES, SMTP_SESSIONS, SMTP_SESSIONS_CLOSED,
+    SMTP_CONNECTIONS_REJECTED, SMTP_DATA_SPILLED, SMTP_REPLIES, SMTP_SESSIONS, SMTP_SESSIONS_CLOSED,
 };
 
 /// Counts a session the gateway closes, by why.
@@ -60,7 +66,126 @@ pub struct Delivery {
     pub peer: IpAddr,
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
-    pub data: Vec<u8>,
+    pub data: MailData,
+}
+
+/// The bytes of a message: in memory, or (larger than `data_memory_bytes`) in a temp file that
+/// is removed when this is dropped.
+pub enum MailData {
+    Memory(bytes::Bytes),
+    File(SpillFile),
+}
+
+impl MailData {
+    pub fn len(&self) -> usize {
+        match self {
+            MailData::Memory(b) => b.len(),
+            MailData::File(f) => f.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in memory (blocking read for a spilled message; its file goes on drop).
+    pub fn load(self) -> std::io::Result<bytes::Bytes> {
+        match self {
+            MailData::Memory(b) => Ok(b),
+            MailData::File(f) => std::fs::read(&f.path).map(bytes::Bytes::from),
+        }
+    }
+}
+
+impl From<Vec<u8>> for MailData {
+    fn from(v: Vec<u8>) -> Self {
+        MailData::Memory(v.into())
+    }
+}
+
+/// A temp file holding a message during DATA; deleted on drop (delivered, refused, failed).
+pub struct SpillFile {
+    path: PathBuf,
+    len: usize,
+}
+
+impl Drop for SpillFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, "could not remove an SMTP spill file");
+            }
+        }
+    }
+}
+
+/// The message being received: in memory up to the threshold, then in a temp file.
+struct DataBuffer<'a> {
+    memory: Vec<u8>,
+    file: Option<(tokio::fs::File, SpillFile)>,
+    len: usize,
+    threshold: usize,
+    dir: &'a Path,
+}
+
+impl<'a> DataBuffer<'a> {
+    fn new(threshold: usize, dir: &'a Path) -> Self {
+        Self {
+            memory: Vec::new(),
+            file: None,
+            len: 0,
+            threshold,
+            dir,
+        }
+    }
+
+    async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        if self.file.is_none() && self.memory.len() + chunk.len() > self.threshold {
+            tokio::fs::create_dir_all(self.dir).await?;
+            let path = self.dir.join(format!("{}.eml", ulid::Ulid::new()));
+            let file = tokio::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .await?;
+            // From here on the guard removes the file, whatever happens.
+            self.file = Some((file, SpillFile { path, len: 0 }));
+            let memory = std::mem::take(&mut self.memory);
+            self.append(&memory).await?;
+        }
+        if self.file.is_some() {
+            self.append(chunk).await?;
+        } else {
+            self.memory.extend_from_slice(chunk);
+        }
+        self.len += chunk.len();
+        Ok(())
+    }
+
+    async fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if let Some((f, spill)) = &mut self.file {
+            f.write_all(bytes).await?;
+            spill.len += bytes.len();
+        }
+        Ok(())
+    }
+
+    /// Drops what was received (the temp file included).
+    fn discard(&mut self) {
+        self.memory = Vec::new();
+        self.file = None;
+    }
+
+    async fn finish(mut self) -> std::io::Result<MailData> {
+        match self.file.take() {
+            None => Ok(MailData::Memory(std::mem::take(&mut self.memory).into())),
+            Some((mut f, spill)) => {
+                f.flush().await?;
+                drop(f);
+                Ok(MailData::File(spill))
+            }
+        }
+    }
 }
 
 pub trait MailHandler: Send + Sync + 'static {
@@ -87,6 +212,9 @@ pub struct SmtpLimits {
     /// Commands that move no mail (NOOP, RSET, VRFY, HELO/EHLO, ...) before the session is closed;
     /// the count starts again after each accepted message.
     pub max_junk_commands: usize,
+    /// DATA kept in memory per session; a larger message streams to `data_spill_dir`.
+    pub data_memory_bytes: usize,
+    pub data_spill_dir: PathBuf,
 }
 
 /// Serves until `shutdown`, then lets sessions finish their current message (bounded by `grace`).
@@ -207,46 +335,74 @@ enum End<S> {
     StartTls(S),
 }
 
-/// Why a DATA section was refused, if it was.
-fn check_data(data: &[u8], max_line: usize) -> Option<Reply> {
-    let mut line_start = 0;
-    for (i, &b) in data.iter().enumerate() {
-        match b {
-            b'\n' => {
-                if i == 0 || data[i - 1] != b'\r' {
+/// The DATA checks on the stream: a bare LF or bare CR (SMTP smuggling), a line over the cap.
+struct LineCheck {
+    max_line: usize,
+    prev_cr: bool,
+    line: usize,
+}
+
+impl LineCheck {
+    fn new(max_line: usize) -> Self {
+        Self {
+            max_line,
+            prev_cr: false,
+            line: 0,
+        }
+    }
+
+    fn too_long(&self) -> Reply {
+        Reply::new(
+            552,
+            "5.3.4",
+            format!("Line longer than {} bytes", self.max_line),
+        )
+    }
+
+    fn bare_cr() -> Reply {
+        Reply::new(550, "5.5.2", "Bare CR received; lines must end with CRLF")
+    }
+
+    /// The first fault in `chunk` (bytes following every chunk fed so far), if any.
+    fn feed(&mut self, chunk: &[u8]) -> Option<Reply> {
+        for &b in chunk {
+            if self.prev_cr && b != b'\n' {
+                return Some(Self::bare_cr());
+            }
+            if b == b'\n' {
+                if !self.prev_cr {
                     return Some(Reply::new(
                         550,
                         "5.5.2",
                         "Bare LF received; lines must end with CRLF",
                     ));
                 }
-                if i - line_start > max_line {
-                    return Some(Reply::new(
-                        552,
-                        "5.3.4",
-                        format!("Line longer than {max_line} bytes"),
-                    ));
+                if self.line > self.max_line {
+                    return Some(self.too_long());
                 }
-                line_start = i + 1;
+                self.line = 0;
+            } else {
+                self.line += 1;
             }
-            b'\r' if data.get(i + 1) != Some(&b'\n') => {
-                return Some(Reply::new(
-                    550,
-                    "5.5.2",
-                    "Bare CR received; lines must end with CRLF",
-                ));
-            }
-            _ => {}
+            self.prev_cr = b == b'\r';
         }
+        None
     }
-    if data.len() - line_start > max_line {
-        return Some(Reply::new(
-            552,
-            "5.3.4",
-            format!("Line longer than {max_line} bytes"),
-        ));
+
+    /// At the end of the message.
+    fn finish(&self) -> Option<Reply> {
+        if self.prev_cr {
+            return Some(Self::bare_cr());
+        }
+        (self.line > self.max_line).then(|| self.too_long())
     }
-    None
+}
+
+/// Why a DATA section was refused, if it was (the whole message at once).
+#[cfg(test)]
+fn check_data(data: &[u8], max_line: usize) -> Option<Reply> {
+    let mut c = LineCheck::new(max_line);
+    c.feed(data).or_else(|| c.finish())
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
@@ -575,7 +731,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
     }
 
     /// Reads the message after 354, bounded in size and time; returns the reply and any bytes
-    /// that followed the end marker (pipelined commands).
+    /// that followed the end marker (pipelined commands). At most `data_memory_bytes` of it is
+    /// held in memory; the rest streams to a temp file.
     async fn data(&mut self, mut pending: Vec<u8>) -> std::io::Result<(Reply, Vec<u8>)> {
         let mut receiver = DataReceiver::new();
         // The receiver looks for "CRLF ." sequences; priming it with the CRLF that ended the
@@ -584,46 +741,85 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
         receiver.ingest(&mut b"\r\n".iter(), &mut primer);
         // However slowly the client sends, the whole message must arrive within this time.
         let deadline = tokio::time::Instant::now() + self.limits.data_timeout * 4;
-        let mut message = Vec::new();
+        let limits = self.limits;
+        let mut message = DataBuffer::new(limits.data_memory_bytes, &limits.data_spill_dir);
+        let mut check = LineCheck::new(limits.max_line_bytes);
+        let mut size = 0usize;
+        // The first fault; the rest of the message is read and dropped.
+        let mut fault: Option<Reply> = None;
+        let mut spill_failed = false;
         let mut too_big = false;
-        let mut buf = vec![0u8; 64 * 1024];
+        // Small buffers: 200 sessions in DATA hold 200 of each.
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sink = Vec::with_capacity(buf.len());
         loop {
             let mut iter = pending.iter();
-            let mut sink = Vec::new();
+            sink.clear();
             let done = receiver.ingest(&mut iter, &mut sink);
             let rest: Vec<u8> = iter.as_slice().to_vec();
-            if !too_big {
-                if message.len() + sink.len() > self.limits.max_message_bytes {
+            size = size.saturating_add(sink.len());
+            if size > limits.max_message_bytes {
+                if !too_big {
                     too_big = true;
-                    message = Vec::new();
-                } else {
-                    message.extend_from_slice(&sink);
+                    message.discard();
+                }
+            } else if fault.is_none() {
+                fault = check.feed(&sink);
+                if fault.is_none() {
+                    if let Err(e) = message.write(&sink).await {
+                        spill_failed = true;
+                        tracing::warn!(error_kind = %e.kind(), "smtp: could not spill a large message to disk");
+                        fault = Some(Reply::new(
+                            452,
+                            "4.3.1",
+                            "Insufficient system storage, try again later",
+                        ));
+                    }
+                }
+                if fault.is_some() {
+                    message.discard();
                 }
             }
             if done {
-                let reply = if too_big {
-                    Reply::new(
+                if too_big {
+                    // Too big wins over any other fault.
+                    fault = Some(Reply::new(
                         552,
                         "5.3.4",
-                        format!("Message exceeds {} bytes", self.limits.max_message_bytes),
-                    )
-                } else if let Some(r) = check_data(&message, self.limits.max_line_bytes) {
-                    r
-                } else {
-                    let from = self.mail_from.clone().unwrap_or_default();
-                    self.handler
-                        .deliver(Delivery {
-                            peer: self.peer.ip(),
-                            mail_from: from,
-                            rcpt_to: self.rcpt_to.clone(),
-                            data: message,
-                        })
-                        .await
+                        format!("Message exceeds {} bytes", limits.max_message_bytes),
+                    ));
+                } else if fault.is_none() {
+                    fault = check.finish();
+                }
+                let spilled = message.file.is_some();
+                let reply = match fault {
+                    Some(r) => r,
+                    None => match message.finish().await {
+                        Err(e) => {
+                            spill_failed = true;
+                            tracing::warn!(error_kind = %e.kind(), "smtp: could not spill a large message to disk");
+                            Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
+                        }
+                        Ok(data) => {
+                            let from = self.mail_from.clone().unwrap_or_default();
+                            self.handler
+                                .deliver(Delivery {
+                                    peer: self.peer.ip(),
+                                    mail_from: from,
+                                    rcpt_to: self.rcpt_to.clone(),
+                                    data,
+                                })
+                                .await
+                        }
+                    },
                 };
+                if spilled || spill_failed {
+                    let result = if spill_failed { "error" } else { "ok" };
+                    metrics::counter!(SMTP_DATA_SPILLED, "result" => result).increment(1);
+                }
                 return Ok((reply, rest));
             }
-            let wait = self
-                .limits
+            let wait = limits
                 .data_timeout
                 .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
             let n = match tokio::time::timeout(wait, self.stream.read(&mut buf)).await {
@@ -641,7 +837,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Session<'a, S> {
                     "client went away during DATA",
                 ));
             }
-            pending = buf[..n].to_vec();
+            pending.clear();
+            pending.extend_from_slice(&buf[..n]);
         }
     }
 }
@@ -673,6 +870,9 @@ pub(crate) async fn fuzz_session(input: &[u8]) {
         max_connections: 1,
         max_errors: 10,
         max_junk_commands: 20,
+        // Never reached (the message cap is lower): no file is written per run.
+        data_memory_bytes: 64 * 1024 + 1,
+        data_spill_dir: std::env::temp_dir(),
     };
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let peer = SocketAddr::from(([127, 0, 0, 1], 25));
@@ -715,5 +915,130 @@ mod tests {
         );
         assert_eq!(check_data(b"a\rb\r\n", 1000).unwrap().code, 550);
         assert_eq!(check_data(b"0123456789\r\n", 5).unwrap().code, 552);
+        assert_eq!(check_data(b"ok\r\nend\r", 1000).unwrap().code, 550);
+    }
+
+    #[test]
+    fn the_stream_check_agrees_byte_by_byte() {
+        for (data, want) in [
+            (&b"ab\r\n\r\nok\r\n"[..], None),
+            (b"a\r\nb\nc\r\n", Some(550)),
+            (b"a\rb\r\n", Some(550)),
+            (b"012345\r\n", Some(552)),
+            (b"0123\r\n0123", None),
+            (b"0123\r\n012345", Some(552)),
+        ] {
+            let mut c = LineCheck::new(5);
+            let got = data
+                .iter()
+                .find_map(|b| c.feed(std::slice::from_ref(b)))
+                .or_else(|| c.finish())
+                .map(|r| r.code);
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(data));
+            assert_eq!(check_data(data, 5).map(|r| r.code), want);
+        }
+    }
+
+    /// Messages delivered: (spilled to a file, bytes).
+    type Kept = Arc<parking_lot::Mutex<Vec<(bool, Vec<u8>)>>>;
+
+    /// Keeps what it is given (a spilled message read back).
+    struct Keep(Kept);
+
+    impl MailHandler for Keep {
+        fn accept_recipient(&self, _: &str) -> bool {
+            true
+        }
+        fn deliver(&self, d: Delivery) -> BoxFuture<'static, Reply> {
+            let spilled = matches!(d.data, MailData::File(_));
+            self.0
+                .lock()
+                .push((spilled, d.data.load().unwrap().to_vec()));
+            Box::pin(async { Reply::new(250, "2.0.0", "OK") })
+        }
+    }
+
+    async fn converse(limits: &SmtpLimits, handler: Arc<dyn MailHandler>, input: &[u8]) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 25));
+        let session = Session::new(server, peer, limits, handler, false);
+        let (_, out) = tokio::join!(session.run(CancellationToken::new(), true), async {
+            client.write_all(input).await.unwrap();
+            let mut out = Vec::new();
+            client.read_to_end(&mut out).await.unwrap();
+            out
+        });
+        String::from_utf8(out).unwrap()
+    }
+
+    fn limits(spill: PathBuf) -> SmtpLimits {
+        SmtpLimits {
+            tls: None,
+            implicit_tls: false,
+            hostname: "t".into(),
+            max_message_bytes: 1 << 20,
+            max_recipients: 10,
+            max_line_bytes: 1000,
+            command_timeout: Duration::from_secs(30),
+            data_timeout: Duration::from_secs(30),
+            max_connections: 1,
+            max_errors: 10,
+            max_junk_commands: 20,
+            data_memory_bytes: 1024,
+            data_spill_dir: spill,
+        }
+    }
+
+    fn mail(lines: usize) -> Vec<u8> {
+        let mut m = b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n".to_vec();
+        for i in 0..lines {
+            m.extend_from_slice(format!("line {i} of the message body\r\n").as_bytes());
+        }
+        m.extend_from_slice(b".\r\nQUIT\r\n");
+        m
+    }
+
+    #[tokio::test]
+    async fn a_large_message_streams_to_a_temp_file_that_goes_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = dir.path().join("incoming");
+        let kept = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let l = limits(spill.clone());
+        let out = converse(&l, Arc::new(Keep(kept.clone())), &mail(2000)).await;
+        assert!(out.contains("\r\n250 2.0.0 OK\r\n"), "{out}");
+        let out = converse(&l, Arc::new(Keep(kept.clone())), &mail(3)).await;
+        assert!(out.contains("\r\n250 2.0.0 OK\r\n"), "{out}");
+        let kept = kept.lock();
+        assert!(kept[0].0, "spilled");
+        assert!(kept[0].1.starts_with(b"line 0 of"));
+        assert!(kept[0].1.ends_with(b"line 1999 of the message body\r\n"));
+        assert_eq!(
+            kept[0].1.len(),
+            (0..2000)
+                .map(|i| format!("line {i} of the message body\r\n").len())
+                .sum::<usize>()
+        );
+        assert!(!kept[1].0, "small: in memory");
+        assert_eq!(
+            std::fs::read_dir(&spill).unwrap().count(),
+            0,
+            "no spill file left"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spill_that_cannot_be_written_is_452_4_3_1() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the spill directory should be: it cannot be created.
+        let spill = dir.path().join("not-a-dir");
+        std::fs::write(&spill, b"x").unwrap();
+        let kept = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let out = converse(&limits(spill), Arc::new(Keep(kept.clone())), &mail(2000)).await;
+        assert!(out.contains("\r\n452 4.3.1 "), "{out}");
+        assert!(
+            out.ends_with("221 2.0.0 Bye\r\n"),
+            "the session goes on: {out}"
+        );
+        assert!(kept.lock().is_empty());
     }
 }

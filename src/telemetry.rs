@@ -72,6 +72,14 @@ pub const REDIS_REQUESTS: &str = "switchboard_redis_requests_total";
 pub const REDIS_FALLBACKS: &str = "switchboard_redis_fallbacks_total";
 pub const REDIS_UP: &str = "switchboard_redis_up";
 pub const REDIS_SECONDS: &str = "switchboard_redis_request_duration_seconds";
+// The attachment store, its volume, and the SMTP memory budget.
+pub const ATTACHMENTS: &str = "switchboard_attachments_total";
+pub const ATTACHMENTS_DELETED: &str = "switchboard_attachments_deleted_total";
+pub const ATTACHMENT_STORE_BYTES: &str = "switchboard_attachment_store_bytes";
+pub const ATTACHMENT_STORE_FILES: &str = "switchboard_attachment_store_files";
+pub const DISK_FREE_BYTES: &str = "switchboard_disk_free_bytes";
+pub const SMTP_DATA_SPILLED: &str = "switchboard_smtp_data_spilled_total";
+pub const EMAIL_PARSE_BYTES: &str = "switchboard_email_parse_in_flight_bytes";
 
 /// Installs the global recorder and returns the handle `/metrics` renders.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
@@ -102,6 +110,7 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     describe_spool_replay();
+    describe_attachments();
     describe_counter!(
         REDIS_REQUESTS,
         "Calls to the shared Redis store, by op (dedupe_claim, dedupe_commit, dedupe_release, limit) and outcome (ok, error, timeout)."
@@ -458,4 +467,38 @@ mod readme_tests {
             );
         }
     }
+}
+
+fn describe_attachments() {
+    describe_counter!(
+        ATTACHMENTS,
+        "Email attachments by outcome: stored, existing (already in the store), or recorded without their body: quota_message, quota_sender, quota_total, disk_low, disk_full, write_error."
+    );
+    describe_counter!(
+        ATTACHMENTS_DELETED,
+        "Files the attachment sweep deleted, by reason (expired: older than email.attachment_max_age_hours; stale_temp: a temp file left by a crash; stale_spill: an SMTP spill file left by a crash)."
+    );
+    describe_gauge!(
+        ATTACHMENT_STORE_BYTES,
+        Unit::Bytes,
+        "Bytes held by the attachment store (email.attachment_dir)."
+    );
+    describe_gauge!(
+        ATTACHMENT_STORE_FILES,
+        "Files held by the attachment store."
+    );
+    describe_gauge!(
+        DISK_FREE_BYTES,
+        Unit::Bytes,
+        "Free bytes (for an unprivileged writer) on a volume the gateway writes, by volume."
+    );
+    describe_counter!(
+        SMTP_DATA_SPILLED,
+        "SMTP messages larger than email.data_memory_bytes streamed to a temp file during DATA, by result (ok, error: answered 452 4.3.1)."
+    );
+    describe_gauge!(
+        EMAIL_PARSE_BYTES,
+        Unit::Bytes,
+        "Bytes of mail being parsed now (bounded by email.parse_memory_bytes)."
+    );
 }

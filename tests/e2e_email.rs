@@ -24,7 +24,8 @@ impl MailHandler for Capture {
         true
     }
     fn deliver(&self, d: Delivery) -> BoxFuture<'static, Reply> {
-        let _ = self.0.send(String::from_utf8_lossy(&d.data).into_owned());
+        let data = d.data.load().expect("captured message");
+        let _ = self.0.send(String::from_utf8_lossy(&data).into_owned());
         Box::pin(async { Reply::new(250, "2.0.0", "captured") })
     }
 }
@@ -45,6 +46,8 @@ async fn capture_server() -> (String, mpsc::UnboundedReceiver<String>) {
         max_connections: 10,
         max_errors: 5,
         max_junk_commands: 100,
+        data_memory_bytes: 1 << 20,
+        data_spill_dir: std::env::temp_dir(),
     };
     let token = tokio_util::sync::CancellationToken::new();
     tokio::spawn(switchboard::smtp::serve(

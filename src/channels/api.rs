@@ -345,6 +345,7 @@ pub(crate) fn to_intake(e: Event) -> Result<Intake, Rejection> {
             size: a.size,
             sha256: a.sha256,
             url: Some(a.url),
+            ..Default::default()
         })
         .collect();
     intake.identity = RawIdentity {

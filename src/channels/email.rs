@@ -2,8 +2,9 @@
 //!
 //! mail-parser (with `full_encoding`, so GBK/GB18030/Big5/ISO-2022-JP decode instead of turning
 //! into replacement characters) does the parsing; we add what it lacks: a cap on MIME nesting
-//! depth and part count, attachment bytes written to the attachment store (the record keeps name,
-//! type, size, sha256 and a reference), HTML-only mail converted to text, threading headers to
+//! depth and part count, attachment bytes written to the attachment store within its quotas (the
+//! record keeps name, type, size, sha256 and a reference, or `stored: false` and why the bytes
+//! were omitted), HTML-only mail converted to text, threading headers to
 //! conversation fields, and RFC 3834 auto-submitted detection (recorded, flagged, never
 //! auto-acknowledged). Dedupe: intake address + Message-ID, else a hash of the content.
 
@@ -11,7 +12,9 @@ use crate::error::{Reason, Rejection};
 use crate::record::{Attachment, ChannelKind, Intake};
 use mail_parser::{Address, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::attachments::{AttachmentStore, MessageBudget};
 
 pub const NAME: &str = "email";
 
@@ -40,11 +43,8 @@ pub struct ParsedMail {
 pub struct EmailParser {
     pub max_depth: usize,
     pub max_parts: usize,
-    /// Where attachment bytes go; `None`: metadata only.
-    pub attachment_dir: Option<PathBuf>,
-    /// Base written into the record's attachment `url` (e.g. `file:///var/lib/...` or an HTTP
-    /// prefix served elsewhere) followed by the sha256.
-    pub attachment_url_prefix: String,
+    /// Where attachment bytes go (within its quotas); `None`: metadata only.
+    pub store: Option<Arc<AttachmentStore>>,
 }
 
 /// Something the identity stage accepts as an address. Anything else (a broken header, an
@@ -156,7 +156,8 @@ pub fn auto_submitted(msg: &Message<'_>, envelope: &Envelope) -> Option<String> 
 }
 
 impl EmailParser {
-    /// Parses `raw` into an intake. Attachment bytes are written to the store here.
+    /// Parses `raw` into an intake. Attachment bytes are written to the store here; one that
+    /// is not stored (a quota, a full disk) leaves the mail recorded with `stored: false`.
     pub fn parse(&self, raw: &[u8], envelope: &Envelope) -> Result<ParsedMail, Rejection> {
         let msg = MessageParser::default()
             .parse(raw)
@@ -254,10 +255,23 @@ impl EmailParser {
         if let Some((_, r)) = &reply_to {
             intake.metadata.insert("reply_to".into(), r.clone());
         }
+        // Per-sender quota: the sender's address (From, else the envelope sender).
+        let sender = intake
+            .identity
+            .email
+            .clone()
+            .unwrap_or_else(|| envelope.mail_from.trim().to_lowercase());
+        let mut budget = MessageBudget::default();
         for part in msg.attachments() {
             let bytes = part.contents();
             let sha = hex::encode(Sha256::digest(bytes));
-            let url = self.store(&sha, bytes)?;
+            let (url, stored, omitted) = match &self.store {
+                None => (None, None, None),
+                Some(store) => match store.put(&sender, &mut budget, &sha, bytes) {
+                    Ok(url) => (Some(url), Some(true), None),
+                    Err(why) => (None, Some(false), Some(why.code().to_string())),
+                },
+            };
             intake.attachments.push(Attachment {
                 name: part.attachment_name().map(str::to_string),
                 content_type: part.content_type().map(|ct| match ct.subtype() {
@@ -267,6 +281,8 @@ impl EmailParser {
                 size: Some(bytes.len() as u64),
                 sha256: Some(sha),
                 url,
+                stored,
+                omitted,
             });
         }
         let reply_address = reply_to
@@ -281,42 +297,23 @@ impl EmailParser {
             subject,
         })
     }
-
-    /// Content-addressed: the same attachment sent twice is stored once.
-    fn store(&self, sha: &str, bytes: &[u8]) -> Result<Option<String>, Rejection> {
-        let Some(dir) = &self.attachment_dir else {
-            return Ok(None);
-        };
-        let path = dir.join(sha);
-        if !path.exists() {
-            let tmp = dir.join(format!(".{sha}.{}", ulid::Ulid::new()));
-            let write = || -> std::io::Result<()> {
-                std::fs::create_dir_all(dir)?;
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)
-            };
-            write().map_err(|e| {
-                tracing::error!(error = %e, "attachment store write failed");
-                Rejection::new(Reason::SinkUnavailable, "attachment store unavailable")
-            })?;
-        }
-        Ok(Some(format!("{}{sha}", self.attachment_url_prefix)))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parser(dir: Option<PathBuf>) -> EmailParser {
+    fn parser(dir: Option<std::path::PathBuf>) -> EmailParser {
         EmailParser {
             max_depth: 10,
             max_parts: 100,
-            attachment_dir: dir,
-            attachment_url_prefix: "attachment:".into(),
+            store: dir.map(|d| {
+                AttachmentStore::open(
+                    d,
+                    "attachment:".into(),
+                    crate::attachments::StoreLimits::from_config(&Default::default()),
+                )
+            }),
         }
     }
 

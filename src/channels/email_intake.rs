@@ -2,15 +2,23 @@
 //! over HTTP: SendGrid Inbound Parse raw mode `email`, Mailgun `body-mime`). Both go through the
 //! same parser into the same record; the acknowledgement mail is queued once the record is
 //! durable, never for auto-submitted mail or a duplicate.
+//!
+//! MIME parsing needs the whole message in memory: a bytes-weighted semaphore
+//! (`email.parse_memory_bytes`) bounds the bytes of mail being parsed and submitted at once. A
+//! message waits for its share (one larger than the budget takes all of it) at most
+//! `email.data_timeout_secs`; then SMTP answers `452 4.3.1` (the sender retries) and the webhook
+//! `503`.
 
 use super::email::{EmailParser, Envelope, NAME};
 use super::{network_and_token, Allowlist, Channel, Inbound};
 use crate::ack_mail::{AckJob, AckMailer};
+use crate::attachments::AttachmentStore;
 use crate::config::{EmailConfig, SignatureMode};
 use crate::error::{Reason, Rejection};
 use crate::http::{json_response, Resp};
 use crate::pipeline::{trace_id, Accepted, Pipeline, RequestCtx};
-use crate::smtp::{Delivery, MailHandler, Reply};
+use crate::smtp::{Delivery, MailData, MailHandler, Reply};
+use crate::telemetry::EMAIL_PARSE_BYTES;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use hmac::{Hmac, Mac};
@@ -19,6 +27,60 @@ use hyper::{Method, StatusCode};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// The parse budget is counted in KiB (a permit each).
+const UNIT: usize = 1024;
+
+/// Bytes of mail being parsed at once, at most.
+struct ParseBudget {
+    permits: Arc<Semaphore>,
+    total: u32,
+    wait: Duration,
+}
+
+impl ParseBudget {
+    fn new(bytes: usize, wait: Duration) -> Self {
+        let total = (bytes / UNIT).clamp(1, u32::MAX as usize) as u32;
+        Self {
+            permits: Arc::new(Semaphore::new(total as usize)),
+            total,
+            wait,
+        }
+    }
+
+    /// Waits for `len` bytes' share (all of the budget at most).
+    async fn acquire(&self, len: usize) -> Result<BudgetPermit, Rejection> {
+        let units = len.div_ceil(UNIT).clamp(1, self.total as usize) as u32;
+        match tokio::time::timeout(self.wait, self.permits.clone().acquire_many_owned(units)).await
+        {
+            Ok(Ok(permit)) => {
+                let bytes = units as f64 * UNIT as f64;
+                metrics::gauge!(EMAIL_PARSE_BYTES).increment(bytes);
+                Ok(BudgetPermit {
+                    _permit: permit,
+                    bytes,
+                })
+            }
+            _ => Err(Rejection::new(
+                Reason::Overloaded,
+                "too much mail being parsed, try again later",
+            )),
+        }
+    }
+}
+
+struct BudgetPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    bytes: f64,
+}
+
+impl Drop for BudgetPermit {
+    fn drop(&mut self) {
+        metrics::gauge!(EMAIL_PARSE_BYTES).decrement(self.bytes);
+    }
+}
 
 pub struct EmailIntake {
     parser: EmailParser,
@@ -26,17 +88,27 @@ pub struct EmailIntake {
     addresses: HashSet<String>,
     domains: Vec<String>,
     ack: Option<Arc<AckMailer>>,
+    budget: ParseBudget,
 }
 
 impl EmailIntake {
-    pub fn new(cfg: &EmailConfig, pipeline: Arc<Pipeline>, ack: Option<Arc<AckMailer>>) -> Self {
+    /// `store`: where attachment bytes go (`None`: metadata only).
+    pub fn new(
+        cfg: &EmailConfig,
+        pipeline: Arc<Pipeline>,
+        ack: Option<Arc<AckMailer>>,
+        store: Option<Arc<AttachmentStore>>,
+    ) -> Self {
         Self {
             parser: EmailParser {
                 max_depth: cfg.max_mime_depth,
                 max_parts: cfg.max_mime_parts,
-                attachment_dir: Some(cfg.attachment_dir.clone()),
-                attachment_url_prefix: cfg.attachment_url_prefix.clone(),
+                store,
             },
+            budget: ParseBudget::new(
+                cfg.parse_memory_bytes,
+                Duration::from_secs(cfg.data_timeout_secs),
+            ),
             pipeline,
             addresses: cfg
                 .intake_addresses
@@ -75,7 +147,7 @@ impl EmailIntake {
         peer: IpAddr,
         mail_from: String,
         rcpts: &[String],
-        raw: Bytes,
+        raw: MailData,
     ) -> Result<Accepted, Rejection> {
         let ctx = RequestCtx {
             peer,
@@ -87,11 +159,19 @@ impl EmailIntake {
             mail_from,
             rcpt_to: self.intake_address(rcpts),
         };
+        // Held until the record is submitted: the parsed text is as large as the message.
+        let _budget = self.budget.acquire(raw.len()).await?;
         let parser = self.parser.clone();
-        // Parsing a large message (and writing its attachments) is blocking work.
-        let parsed = tokio::task::spawn_blocking(move || parser.parse(&raw, &envelope))
-            .await
-            .map_err(|_| Rejection::new(Reason::Internal, "mail parser failed"))??;
+        // Reading a spilled message, parsing (and writing its attachments) is blocking work.
+        let parsed = tokio::task::spawn_blocking(move || {
+            let raw = raw.load().map_err(|e| {
+                tracing::warn!(error_kind = %e.kind(), "could not read a spilled message back");
+                Rejection::new(Reason::SinkUnavailable, "message spill file unreadable")
+            })?;
+            parser.parse(&raw, &envelope)
+        })
+        .await
+        .map_err(|_| Rejection::new(Reason::Internal, "mail parser failed"))??;
         let a = self
             .pipeline
             .submit(&ctx, vec![parsed.intake.clone()])
@@ -129,10 +209,7 @@ impl MailHandler for SmtpIntake {
     fn deliver(&self, d: Delivery) -> BoxFuture<'static, Reply> {
         let intake = self.0.clone();
         Box::pin(async move {
-            match intake
-                .take(d.peer, d.mail_from, &d.rcpt_to, Bytes::from(d.data))
-                .await
-            {
+            match intake.take(d.peer, d.mail_from, &d.rcpt_to, d.data).await {
                 Ok(a) => Reply::new(
                     250,
                     "2.0.0",
@@ -145,6 +222,11 @@ impl MailHandler for SmtpIntake {
                             Reply::new(451, "4.7.1", "Rate limited, try again later")
                         }
                         Reason::BodyTooLarge => Reply::new(552, "5.3.4", r.message),
+                        Reason::Overloaded => Reply::new(
+                            452,
+                            "4.3.1",
+                            "Insufficient system resources, try again later",
+                        ),
                         Reason::InvalidEvent | Reason::MalformedJson => {
                             Reply::new(554, "5.6.0", r.message)
                         }
@@ -331,7 +413,7 @@ impl Channel for EmailInbound {
             }
             let a = self
                 .intake
-                .take(inbound.ctx.peer, mail_from, &rcpts, raw)
+                .take(inbound.ctx.peer, mail_from, &rcpts, MailData::Memory(raw))
                 .await?;
             Ok(json_response(
                 StatusCode::OK,
@@ -371,7 +453,7 @@ mod tests {
             peer: "127.0.0.1".parse().unwrap(),
             mail_from: "a@example.cn".into(),
             rcpt_to: vec!["complaints@switchboard.localhost".into()],
-            data: format!("From: a@example.cn\r\nMessage-ID: <m{n}@example.cn>\r\nSubject: s\r\n\r\nbody {n}\r\n").into_bytes(),
+            data: format!("From: a@example.cn\r\nMessage-ID: <m{n}@example.cn>\r\nSubject: s\r\n\r\nbody {n}\r\n").into_bytes().into(),
         }
     }
 
@@ -380,7 +462,7 @@ mod tests {
         let mut cfg = Config::default();
         cfg.email.attachment_dir = tempfile::tempdir().unwrap().keep();
         let down = Pipeline::new(&cfg, Arc::new(Down)).unwrap();
-        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, down, None)));
+        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, down, None, None)));
         let r = h.deliver(delivery(1)).await;
         assert_eq!((r.code, r.status), (451, "4.3.0"));
 
@@ -389,11 +471,26 @@ mod tests {
             burst: 1,
         };
         let ok = Pipeline::new(&cfg, Arc::new(crate::sink::memory::MemorySink::default())).unwrap();
-        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, ok, None)));
+        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, ok, None, None)));
         assert_eq!(h.deliver(delivery(2)).await.code, 250);
         let r = h.deliver(delivery(3)).await;
         assert_eq!((r.code, r.status), (451, "4.7.1"));
         assert!(!h.accept_recipient("someone@elsewhere.example"));
         assert!(h.accept_recipient("<Complaints@Switchboard.localhost>"));
+    }
+
+    #[tokio::test]
+    async fn no_parse_budget_in_time_is_452_4_3_1() {
+        let mut cfg = Config::default();
+        cfg.email.parse_memory_bytes = 4096;
+        cfg.email.data_timeout_secs = 0;
+        let p = Pipeline::new(&cfg, Arc::new(crate::sink::memory::MemorySink::default())).unwrap();
+        let h = SmtpIntake(Arc::new(EmailIntake::new(&cfg.email, p, None, None)));
+        // A message larger than the budget takes all of it; the next one cannot get its share.
+        let held = h.0.budget.acquire(1 << 20).await.unwrap();
+        let r = h.deliver(delivery(4)).await;
+        assert_eq!((r.code, r.status), (452, "4.3.1"));
+        drop(held);
+        assert_eq!(h.deliver(delivery(5)).await.code, 250);
     }
 }

@@ -352,6 +352,7 @@ impl Meta {
                         sha256: str_of(media, "sha256").map(str::to_string),
                         // Fetched with the business token: GET /<media-id> gives a short-lived URL.
                         url: Some(format!("https://graph.facebook.com/{media_id}")),
+                        ..Default::default()
                     });
                     meta.insert("media_id".into(), media_id);
                 }
@@ -916,6 +917,7 @@ mod tests {
                 size: None,
                 sha256: Some("tmCr8d9uH5kH3p5VY9vW8cM1ZbqD2o8xQm3j0g0Lr9k=".into()),
                 url: Some("https://graph.facebook.com/1471350733630522".into()),
+                ..Default::default()
             }]
         );
         // Media without a caption is still a complaint (a photo of the bill).

@@ -205,6 +205,7 @@ fn file_attachment(f: &File, default_type: &str) -> Attachment {
         size: f.file_size,
         sha256: None,
         url: Some(format!("{FILE_PREFIX}{}", f.file_id)),
+        ..Default::default()
     }
 }
 
